@@ -1,0 +1,69 @@
+"""Capture the queries, keys and values of every attention layer of a ViT (METHOD.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LayerAttention:
+    """One attention layer's patch tokens: arrays are (head, y, x, dim)."""
+
+    name: str
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    scale: float
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.q.shape[1], self.q.shape[2]
+
+
+def image_tensor(rgb: np.ndarray, mean, std) -> torch.Tensor:
+    """(1, 3, H, W) float tensor normalised with the model's mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).float().div(255.0).permute(2, 0, 1)
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return x[None]
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The self-attention modules of a timm VisionTransformer, in depth order."""
+    return [(f"block{i:02d}", block.attn) for i, block in enumerate(model.blocks)]
+
+
+@torch.no_grad()
+def extract_attention(model: torch.nn.Module, image: torch.Tensor, patch_size: int) -> list[LayerAttention]:
+    """Run the model once and return Q, K, V of every layer, class and register tokens removed.
+
+    Forward pre-hooks read each attention module's input and recompute its projections exactly as
+    timm does (fused qkv, then q/k norms), so the model's own output is untouched.
+    """
+    captured: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            batch, tokens, _ = x.shape
+            qkv = module.qkv(x).reshape(batch, tokens, 3, module.num_heads, module.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            captured[name] = (module.q_norm(q), module.k_norm(k), v)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in attention_modules(model)]
+    try:
+        model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grid_h, grid_w = image.shape[-2] // patch_size, image.shape[-1] // patch_size
+    prefix = model.num_prefix_tokens
+    layers = []
+    for name, module in attention_modules(model):
+        q, k, v = (t[0, :, prefix:].reshape(t.shape[1], grid_h, grid_w, -1).numpy() for t in captured[name])
+        layers.append(LayerAttention(name, q, k, v, float(module.scale)))
+    return layers

@@ -1,0 +1,1 @@
+"""The `lds` command line: one thin click command per pipeline stage."""

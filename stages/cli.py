@@ -1,0 +1,162 @@
+"""The `lds` command: a subcommand per stage, plus `inspect`, `models` and `cache`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.errors import LdsError
+from pipeline.store import ArtifactRef, Store, walk_arrays
+from stages.common import read_manifest, store_option
+from stages.decode import decode
+from stages.evaluate import evaluate
+from stages.extract import extract
+from stages.preprocess import preprocess
+from stages.solve import solve
+
+
+class LdsGroup(click.Group):
+    """Turns an LdsError anywhere below into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LdsError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=LdsGroup)
+def cli():
+    """lds: layer-distributed spectral clustering of the attention inside vision models."""
+
+
+def resolve_ref(store: Store, target: str) -> ArtifactRef:
+    """An artifact named by a manifest file, a path to it, 'stage/key', or a unique key prefix."""
+    path = Path(target)
+    if path.suffix == ".json" and path.is_file():
+        return read_manifest(path)
+    if path.name.endswith(".zarr"):
+        return ArtifactRef(path.parent.name, path.name[: -len(".zarr")])
+    if "/" in target:
+        stage, key = target.split("/", 1)
+        return ArtifactRef(stage, key)
+    matches = [ref for ref in store.artifacts() if ref.key.startswith(target)]
+    if len(matches) != 1:
+        raise LdsError(f"{target!r} names {len(matches)} artifacts in store {store.root}; give a longer key or stage/key")
+    return matches[0]
+
+
+@cli.command()
+@click.argument("target")
+@store_option
+def inspect(target, store_root):
+    """Print an artifact's arrays (shape, dtype, chunks, dims) and attributes."""
+    store = Store(store_root)
+    ref = resolve_ref(store, target)
+    path = Path(target) if target.endswith(".zarr") else store.path(ref)
+    store = Store(path.parent.parent)
+    group = store.open(ref)
+    click.echo(f"{ref.stage}/{ref.key}  {path}")
+    attrs = dict(group.attrs)
+    click.echo(json.dumps({k: v for k, v in attrs.items() if k != "items"}, indent=2, sort_keys=True))
+    items = attrs.get("items", [])
+    click.echo(f"items: {len(items)} {items[:10]}{' ...' if len(items) > 10 else ''}")
+    shown = group["items"][items[0]] if items else group
+    click.echo(f"arrays{' of item ' + items[0] if items else ''}:")
+    for name, array in walk_arrays(shown):
+        dims = ",".join(array.metadata.dimension_names or ())
+        click.echo(f"  {name:40s} {str(array.shape):22s} {str(array.dtype):8s} chunks={array.chunks} dims=({dims})")
+    if not items:
+        return
+    for name, sub in sorted(shown.groups()):
+        for layer, layer_group in sorted(sub.groups()) if name == "layers" else []:
+            click.echo(f"  layer {layer}: {dict(layer_group.attrs)}")
+
+
+@cli.command()
+def models():
+    """List the registered models."""
+    from pipeline.models import REGISTRY
+
+    for spec in REGISTRY.values():
+        weights = "pretrained" if spec.pretrained else "random, NOT pretrained"
+        click.echo(f"{spec.name:16s} {spec.timm_name:36s} {weights:24s} {spec.description}")
+    click.echo("timm:<name>      any timm VisionTransformer, pretrained weights from the Hugging Face cache")
+
+
+@cli.group()
+def cache():
+    """List, show, verify and garbage-collect the artifact store."""
+
+
+@cache.command("ls")
+@store_option
+def cache_ls(store_root):
+    """One line per artifact: stage, key, size, items, inputs."""
+    store = Store(store_root)
+    for ref in store.artifacts():
+        attrs = store.attrs(ref)
+        inputs = ",".join(f"{i['stage']}/{i['key'][:8]}" for i in attrs.get("inputs", []))
+        click.echo(f"{ref.stage:10s} {ref.key}  {store.size(ref) / 1e6:9.2f} MB  {len(attrs.get('items', [])):5d} items  inputs: {inputs or '-'}")
+    for partial in store.partials():
+        click.echo(f"{partial.parent.name:10s} {partial.name}  (incomplete: resumes on the next run)")
+
+
+@cache.command("show")
+@click.argument("target")
+@store_option
+def cache_show(target, store_root):
+    """The attributes of one artifact as JSON."""
+    store = Store(store_root)
+    click.echo(json.dumps(store.attrs(resolve_ref(store, target)), indent=2, sort_keys=True))
+
+
+@cache.command("verify")
+@click.argument("targets", nargs=-1)
+@store_option
+def cache_verify(targets, store_root):
+    """Check complete markers, items and array checksums (all artifacts unless TARGETS are given)."""
+    store = Store(store_root)
+    refs = [resolve_ref(store, t) for t in targets] or store.artifacts()
+    bad = 0
+    for ref in refs:
+        problems = store.verify(ref)
+        bad += bool(problems)
+        click.echo(f"{'BAD' if problems else 'ok '} {ref.stage}/{ref.key}" + "".join(f"\n    {p}" for p in problems))
+    if bad:
+        raise LdsError(f"{bad} of {len(refs)} artifacts failed verification; remove them with `lds cache gc` or by hand and re-run")
+
+
+@cache.command("gc")
+@click.argument("manifests", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@store_option
+def cache_gc(manifests, dry_run, store_root):
+    """Remove artifacts not reachable from MANIFESTS (JSON files, or folders searched for them)."""
+    store = Store(store_root)
+    files = [p for m in manifests for p in (sorted(m.rglob("*.json")) if m.is_dir() else [m])]
+    roots = []
+    for path in files:
+        try:
+            roots.append(read_manifest(path))
+        except LdsError:
+            continue  # metrics and other JSON files that are not manifests
+    if not roots:
+        raise LdsError("no manifests given or found: refusing to remove every artifact")
+    keep = store.reachable(roots)
+    doomed = [ref for ref in store.artifacts() if ref not in keep]
+    for ref in doomed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {ref.stage}/{ref.key}")
+        if not dry_run:
+            store.remove(ref)
+    click.echo(f"{len(keep)} kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
+
+
+for command in (preprocess, extract, solve, decode, evaluate):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="lds")

@@ -1,0 +1,142 @@
+"""What every stage shares: the store option, manifests, and the cached, resumable item loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+
+from pipeline.errors import LdsError
+from pipeline.hashing import artifact_key
+from pipeline.models import PROVENANCE_KEYS
+from pipeline.store import ArraySpec, ArtifactRef, Store
+
+# Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
+STAGE_VERSIONS = {"preprocess": 1, "extract": 1, "solve": 1, "decode": 1, "evaluate": 1}
+
+ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
+
+
+def default_store_root() -> str:
+    return os.environ.get("LDS_CACHE", "cache")
+
+
+store_option = click.option(
+    "--store",
+    "store_root",
+    default=default_store_root,
+    show_default="$LDS_CACHE or ./cache",
+    help="Folder of the artifact store.",
+)
+manifest_option = click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a small JSON naming the artifact here (what Snakemake tracks).",
+)
+input_option = click.option(
+    "--input",
+    "input_manifest",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Manifest JSON of the input artifact (written by the previous stage).",
+)
+
+
+def read_manifest(path: Path) -> ArtifactRef:
+    """The artifact a manifest names."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return ArtifactRef(record["stage"], record["key"])
+    except FileNotFoundError:
+        raise LdsError(f"manifest {path} does not exist; run the stage that writes it first") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise LdsError(f"manifest {path} is not an lds manifest ({error})") from None
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_manifest(path: Path | None, store: Store, ref: ArtifactRef, params: dict, items: list[str]) -> None:
+    if path is None:
+        return
+    record = {
+        "stage": ref.stage,
+        "key": ref.key,
+        "path": str(store.path(ref)),
+        "params": params,
+        "items": items,
+    }
+    write_json_atomic(path, record)
+
+
+def upstream(store: Store, ref: ArtifactRef, stage: str) -> ArtifactRef:
+    """The nearest ancestor of ``ref`` made by ``stage`` (following first inputs)."""
+    current = ref
+    while current.stage != stage:
+        inputs = store.attrs(current).get("inputs", [])
+        if not inputs:
+            raise LdsError(f"artifact {ref.stage}/{ref.key} has no {stage} artifact among its inputs")
+        current = ArtifactRef(inputs[0]["stage"], inputs[0]["key"])
+    return current
+
+
+def provenance(store: Store, ref: ArtifactRef) -> dict[str, Any]:
+    """What an artifact says about the model it came from (carried into every later stage)."""
+    return {k: v for k, v in store.attrs(ref).items() if k in PROVENANCE_KEYS}
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def run_stage(
+    store: Store,
+    stage: str,
+    params: dict,
+    input_keys: Iterable[str],
+    inputs: list[ArtifactRef],
+    items: list[str],
+    compute_item: Callable[[str], ItemResult],
+    attrs: Callable[[], dict] | dict,
+    manifest: Path | None,
+    finish: Callable[[Any], dict | None] | None = None,
+) -> ArtifactRef:
+    """Find the artifact for these inputs and parameters, or make it, resuming an interrupted run.
+
+    ``compute_item(item)`` returns (arrays, item attributes, sub-group attributes). ``finish(writer)``
+    may add whole-artifact arrays and returns extra root attributes. ``attrs`` may be a callable so
+    that its cost (loading a model, say) is paid only when there is work to do.
+    """
+    from tqdm import tqdm
+
+    ref = ArtifactRef(stage, artifact_key(stage, STAGE_VERSIONS[stage], params, input_keys))
+    if not store.exists(ref):
+        with store.lock(ref):
+            if not store.exists(ref):  # another process may have finished it while we waited
+                started = time.perf_counter()
+                root_attrs = {"params": params, **(attrs() if callable(attrs) else attrs)}
+                writer = store.writer(ref, root_attrs, inputs)
+                todo = [item for item in items if item not in writer.done]
+                if len(todo) < len(items):
+                    log(f"{stage}: resuming, {len(items) - len(todo)} of {len(items)} items already done")
+                for item in tqdm(todo, desc=stage, unit="image", disable=not sys.stderr.isatty()):
+                    arrays, item_attrs, group_attrs = compute_item(item)
+                    writer.write_item(item, arrays, item_attrs, group_attrs)
+                extra = finish(writer) if finish else None
+                path = writer.publish(items, extra)
+                log(f"{stage}: made {path} ({len(todo)} items in {time.perf_counter() - started:.1f}s)")
+                write_manifest(manifest, store, ref, params, items)
+                return ref
+    log(f"{stage}: cached {store.path(ref)}")
+    write_manifest(manifest, store, ref, params, items)
+    return ref
