@@ -10,7 +10,7 @@ from pipeline.data import list_images, num_shards
 from pipeline.models import get_spec
 
 configfile: "config/config.yaml"
-validate(config, "config/schema.yaml")
+validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 STORE = os.environ.get("LDS_CACHE", config["store"])
 RESULTS = config["results"]

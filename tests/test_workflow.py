@@ -1,0 +1,67 @@
+"""The Snakemake DAG: a full run, a no-op re-run, a cache hit after deleting a manifest, config errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+
+CONFIG = {
+    "store": "store",
+    "results": "results",
+    "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
+    "models": ["tiny-vit"],
+    "preprocess": {"mode": "short-side", "size": 96},
+    "solve": {"solver": "adam", "channels": 6, "steps": 20, "lr": 0.003, "seed": 0},
+    "decode": {"clusters": 4, "seed": 0},
+}
+
+
+def snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *extra], capture_output=True, text=True, timeout=600)
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflow")
+    write_config(root, CONFIG)
+    run = snakemake(root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root
+
+
+def test_full_run_produces_metrics_figures_and_shards(workdir):
+    run_dir = workdir / "results" / "shapes" / "tiny-vit"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["images"] == 4 and metrics["pretrained"] is False
+    assert sorted(p.name for p in run_dir.glob("shard-*")) == ["shard-0", "shard-1"]
+    assert len(list((run_dir / "figures").glob("*.png"))) == 4
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    again = snakemake(workdir)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_deleting_a_manifest_reruns_its_rule_from_the_cache(workdir):
+    (workdir / "results" / "shapes" / "tiny-vit" / "metrics.json").unlink()
+    rerun = snakemake(workdir)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    assert "evaluate: cached" in log and "made" not in log
+
+
+def test_bad_config_value_is_rejected(tmp_path):
+    write_config(tmp_path, {**CONFIG, "solve": {**CONFIG["solve"], "steps": 0}})
+    run = snakemake(tmp_path, "--dry-run")
+    assert run.returncode != 0 and "steps" in run.stdout + run.stderr
