@@ -209,9 +209,9 @@ class Store:
 
 
 def walk_arrays(group, prefix: str = ""):
-    for name, array in group.arrays():
+    for name, array in sorted(group.arrays()):
         yield f"{prefix}{name}", array
-    for name, sub in group.groups():
+    for name, sub in sorted(group.groups()):
         yield from walk_arrays(sub, f"{prefix}{name}/")
 
 

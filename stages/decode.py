@@ -33,7 +33,7 @@ def decode(input_manifest, clusters, seed, figures, store_root, manifest):
     params = {"method": "kmeans", "clusters": clusters, "seed": seed}
 
     def compute(item: str):
-        tokens = kmeans_labels(solved[item]["x_ortho"][...], clusters, seed)
+        tokens = kmeans_labels(solved[item]["X_ortho"][...], clusters, seed)
         pixels = upsample_labels(tokens, images[item]["rgb"].shape[:2])
         arrays = {
             "labels_tokens": ArraySpec(tokens, ("y", "x"), {"description": "region per token"}),
@@ -51,6 +51,6 @@ def decode(input_manifest, clusters, seed, figures, store_root, manifest):
         for item in items:
             title = f"{item} | {model_caption(model_attrs)} | K-Means K={clusters}"
             save_segmentation_figure(
-                figures / f"{item}.png", images[item]["rgb"][...], solved[item]["x_ortho"][...],
+                figures / f"{item}.png", images[item]["rgb"][...], solved[item]["X_ortho"][...],
                 decoded[item]["labels"][...], title,
             )

@@ -43,7 +43,7 @@ def evaluate(input_manifests, metrics_path, store_root, manifest):
         r2, matched, oracle = [], [], np.zeros((0, 0), dtype=np.int64)
         for decoded, solved, images, items in shards:
             for item in items:
-                r2.append(xy_regression_r2(solved[item]["x_ortho"][...]))
+                r2.append(xy_regression_r2(solved[item]["X_ortho"][...]))
                 if "labels" not in images[item]:
                     continue
                 truth, regions = images[item]["labels"][...], decoded[item]["labels"][...]

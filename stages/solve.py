@@ -46,8 +46,8 @@ def solve(input_manifest, solver, channels, steps, lr, seed, progress, store_roo
         graphs = key_query_graphs(read_layers(images[item]))
         result = solve_adam(graphs, settings, progress) if solver == "adam" else solve_exact(graphs, settings)
         arrays = {
-            "x": ArraySpec(result.x, ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (softmax over channels)"}),
-            "x_ortho": ArraySpec(result.x_ortho, ("component", "y", "x"), {"description": "X re-orthogonalised by SVD (U S), decreasing order"}),
+            "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (softmax over channels)"}),
+            "X_ortho": ArraySpec(result.x_ortho, ("component", "y", "x"), {"description": "X re-orthogonalised by SVD (U S), decreasing order"}),
             "eigenvalues": ArraySpec(result.eigenvalues, ("graph", "channel"), {"description": "diag(Zᵀ A Z) per graph"}),
             "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z"}),
             "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step"}),

@@ -197,6 +197,6 @@ def test_kill_during_a_stage_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert key == json.loads((tmp_path / "f" / "solve.json").read_text())["key"]
     a, b = Store(store).open(ArtifactRef("solve", key)), Store(fresh).open(ArtifactRef("solve", key))
     for item in a.attrs["items"]:
-        for name in ("x", "x_ortho", "losses"):
+        for name in ("X", "X_ortho", "losses"):
             np.testing.assert_array_equal(a[f"items/{item}/{name}"][...], b[f"items/{item}/{name}"][...])
     assert Store(store).verify(ArtifactRef("solve", key)) == []

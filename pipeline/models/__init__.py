@@ -55,7 +55,7 @@ def _random(name: str, description: str, image_size: int, **kwargs: Any) -> Mode
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        _random("tiny-vit", "tiny ViT (4 layers, 4 heads, width 64) built from config", 224,
+        _random("tiny-vit", "tiny ViT (4 layers, 4 heads, width 64) built from config", 448,
                 embed_dim=64, depth=4, num_heads=4),
         _random("vit-s16-random", "ViT-S/16 architecture built from config", 448),
         ModelSpec("dino-vits16", "vit_small_patch16_224.dino", True, "DINO ViT-S/16", 16, 448),
