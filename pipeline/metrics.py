@@ -13,9 +13,11 @@ def confusion_matrix(truth: np.ndarray, prediction: np.ndarray, n_truth: int, n_
 
 
 def iou_per_class(confusion: np.ndarray) -> np.ndarray:
-    """IoU of each class for a square confusion matrix (truth x prediction); NaN where absent."""
-    intersection = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - intersection
+    """IoU of each class for a confusion matrix (truth x prediction) whose first columns are the classes;
+    any further columns are predictions of no class (always wrong). NaN where absent."""
+    classes = confusion.shape[0]
+    intersection = np.diag(confusion[:, :classes]).astype(np.float64)
+    union = confusion[:, :classes].sum(0) + confusion.sum(1) - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, intersection / union, np.nan)
 
@@ -32,7 +34,8 @@ def hungarian_match(confusion: np.ndarray) -> np.ndarray:
 
 
 def aligned_scores(confusion: np.ndarray) -> dict[str, float | list[float | None]]:
-    """mIoU, pixel accuracy and per-class IoU of a square confusion matrix whose classes correspond."""
+    """mIoU, pixel accuracy and per-class IoU of a confusion matrix whose classes correspond (square, or
+    with extra trailing columns of predictions that match no class)."""
     ious = iou_per_class(confusion)
     return {
         "miou": float(np.nanmean(ious)),
@@ -44,10 +47,11 @@ def aligned_scores(confusion: np.ndarray) -> dict[str, float | list[float | None
 def matched_scores(confusion: np.ndarray) -> dict[str, float | list[float | None]]:
     """``aligned_scores`` after Hungarian matching of clusters (columns) to classes (rows)."""
     mapping = hungarian_match(confusion)
-    matched = np.zeros((confusion.shape[0], confusion.shape[0]), dtype=np.int64)
+    classes = confusion.shape[0]
+    # the last column gathers clusters matched to no class: their pixels count as misclassified
+    matched = np.zeros((classes, classes + 1), dtype=np.int64)
     for cluster, cls in enumerate(mapping):
-        if cls >= 0:
-            matched[:, cls] += confusion[:, cluster]
+        matched[:, cls if cls >= 0 else classes] += confusion[:, cluster]
     return aligned_scores(matched)
 
 

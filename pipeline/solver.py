@@ -29,7 +29,7 @@ class GraphSet:
 
 @dataclass
 class Solution:
-    x: np.ndarray  # (channel, y, x) on the finest grid, non-negative
+    x: np.ndarray  # (channel, y, x) on the finest grid: softmax output (adam) or eigenvectors (exact)
     x_ortho: np.ndarray  # (component, y, x), components in decreasing singular value order
     eigenvalues: np.ndarray  # (graph, channel): diag(Zᵀ A Z)
     orthogonality: np.ndarray  # (graph,): mean squared off-diagonal of Zᵀ Z
@@ -131,7 +131,9 @@ def solve_exact(graph_sets: list[GraphSet], params: SolverParams) -> Solution:
     x = u.T.reshape(params.channels, *grid).astype(np.float32)
     with torch.no_grad():
         _, eig, ortho = objective(torch.from_numpy(x), graph_sets, params.weight_eig, params.weight_ortho)
-    return Solution(x, orthogonalise(x), eig.numpy(), ortho.numpy(), np.zeros(0, np.float32), _names(graph_sets))
+    # The eigenvectors are already orthonormal, so X = U S Vᵀ with U = X, S = V = I; orthogonalise() would
+    # return an arbitrary rotation of them (all singular values tie at 1) and lose the eigenvalue order.
+    return Solution(x, x.copy(), eig.numpy(), ortho.numpy(), np.zeros(0, np.float32), _names(graph_sets))
 
 
 def _pool(v: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:

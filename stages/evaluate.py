@@ -47,8 +47,8 @@ def evaluate(input_manifests, metrics_path, store_root, manifest):
                 if "labels" not in images[item]:
                     continue
                 truth, regions = images[item]["labels"][...], decoded[item]["labels"][...]
-                n = int(max(truth.max(), regions.max())) + 1
-                matched.append(matched_scores(confusion_matrix(truth, regions, n, n))["miou"])
+                confusion = confusion_matrix(truth, regions, int(truth.max()) + 1, int(regions.max()) + 1)
+                matched.append(matched_scores(confusion)["miou"])
                 guess = oracle_labels(regions, truth)
                 oracle = _pad_add(oracle, confusion_matrix(truth, guess, int(truth.max()) + 1, int(truth.max()) + 1))
         results.update({"images": len(r2), "xy_regression_r2": float(np.mean(r2))})

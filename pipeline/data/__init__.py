@@ -87,8 +87,8 @@ def list_images(spec: str) -> list[ImageRecord]:
         return _skimage_samples()
     if kind == "folder" and argument:
         return _folder(Path(argument).expanduser())
-    if kind == "synthetic-shapes":
-        count = int(argument) if argument.isdigit() else 8
+    if kind == "synthetic-shapes" and (not argument or (argument.isdigit() and int(argument) > 0)):
+        count = int(argument) if argument else 8
         return [SyntheticImage(f"shapes-{i:04d}", i) for i in range(count)]
     raise LdsError(
         f"unknown dataset {spec!r}; use skimage-samples, folder:PATH or synthetic-shapes:N"

@@ -1,0 +1,184 @@
+"""pipeline.extract and pipeline.models on the registered random "tiny-vit" (METHOD.md section 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import LdsError
+from pipeline.extract import LayerAttention, attention_modules, extract_attention, image_tensor
+from pipeline.models import get_spec
+from pipeline.models.build import build_model
+
+PATCH = 16
+HEADS, HEAD_DIM, DEPTH = 4, 16, 4  # tiny-vit: width 64, 4 heads, 4 layers
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model(get_spec("tiny-vit"))
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+
+
+def no_hooks_left(model: torch.nn.Module) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_tiny_vit_spec_and_model_are_what_the_registry_says(model):
+    spec = get_spec("tiny-vit")
+    assert not spec.pretrained and spec.patch_size == PATCH
+    assert "NOT pretrained" in spec.provenance()["weights"]
+    assert not model.training
+    assert len(attention_modules(model)) == DEPTH
+    assert model.num_prefix_tokens == 1
+
+
+def test_get_spec_unknown_name_raises():
+    with pytest.raises(LdsError, match="unknown model 'no-such-model'"):
+        get_spec("no-such-model")
+
+
+def test_image_tensor_normalises_with_mean_and_std():
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.25, 0.25)
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 0, 51
+    x = image_tensor(rgb, mean, std)
+    assert x.shape == (1, 3, 2, 3) and x.dtype == torch.float32
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [(1 - 0.5) / 0.5, (0 - 0.25) / 0.25, (0.2 - 0.75) / 0.25], rtol=1e-6)
+
+
+def test_extraction_does_not_change_the_model_output_and_removes_its_hooks(model, image):
+    with torch.no_grad():
+        before = model(image)
+    outputs = []
+    handle = model.register_forward_hook(lambda module, args, output: outputs.append(output.clone()))
+    try:
+        extract_attention(model, image, PATCH)
+    finally:
+        handle.remove()
+    assert no_hooks_left(model)
+    with torch.no_grad():
+        after = model(image)
+    assert len(outputs) == 1
+    torch.testing.assert_close(outputs[0], before, rtol=0, atol=0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails(model):
+    with pytest.raises(Exception):
+        extract_attention(model, torch.randn(1, 5, 32, 32), PATCH)  # wrong number of channels
+    assert no_hooks_left(model)
+
+
+def test_non_square_image_gives_a_4x6_grid(model, image):
+    layers = extract_attention(model, image, PATCH)
+    assert [layer.name for layer in layers] == [f"block{i:02d}" for i in range(DEPTH)]
+    for layer in layers:
+        assert isinstance(layer, LayerAttention)
+        assert layer.grid == (4, 6)
+        assert layer.q.shape == layer.k.shape == layer.v.shape == (HEADS, 4, 6, HEAD_DIM)
+        assert layer.scale == pytest.approx(HEAD_DIM**-0.5)
+
+
+def test_qk_softmax_equals_the_models_own_attention_over_patch_tokens(model, image):
+    """Reference path: timm's unfused attention computes softmax(q kᵀ scale) over all tokens (class
+    token included) and hands it to ``attn_drop``; we capture that and the input of ``proj`` (= P V).
+    Restricting a softmax to the patch tokens = renormalising the patch-to-patch block of P."""
+    probabilities, mixed = {}, {}
+    handles = []
+    modules = attention_modules(model)
+    for name, module in modules:
+        module.fused_attn = False
+        handles.append(module.attn_drop.register_forward_hook(
+            lambda m, args, out, name=name: probabilities.__setitem__(name, args[0][0].double().numpy())))
+        handles.append(module.proj.register_forward_pre_hook(
+            lambda m, args, name=name: mixed.__setitem__(name, args[0][0].double().numpy())))
+    try:
+        layers = extract_attention(model, image, PATCH)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, module in modules:
+            module.fused_attn = True
+    assert len(probabilities) == DEPTH
+    tokens = 1 + 4 * 6
+    for layer in layers:
+        p = probabilities[layer.name]  # (head, tokens, tokens), rows sum to 1 over class + patch tokens
+        assert p.shape == (HEADS, tokens, tokens)
+        patch = p[:, 1:, 1:]
+        reference = patch / patch.sum(-1, keepdims=True)
+        q = layer.q.reshape(HEADS, 24, HEAD_DIM).astype(np.float64)
+        k = layer.k.reshape(HEADS, 24, HEAD_DIM).astype(np.float64)
+        ours = softmax_np(q @ k.transpose(0, 2, 1) * layer.scale)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+        # values: the module's output before proj is P @ [v_cls; V]. Solve v_cls from the class-token row,
+        # then every patch row must be reproduced from the returned V.
+        v = layer.v.reshape(HEADS, 24, HEAD_DIM).astype(np.float64)
+        out = mixed[layer.name].reshape(tokens, HEADS, HEAD_DIM).transpose(1, 0, 2)  # (head, tokens, dim)
+        v_cls = (out[:, :1] - p[:, :1, 1:] @ v) / p[:, :1, :1]
+        predicted = p[:, 1:, :1] @ v_cls + p[:, 1:, 1:] @ v
+        np.testing.assert_allclose(predicted, out[:, 1:], rtol=1e-3, atol=1e-4)
+
+
+def test_pretrained_spec_offline_without_cache_raises_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    # huggingface_hub reads these at import time; make sure the already-imported module sees them too
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(LdsError) as error:
+        build_model(get_spec("dino-vits16"))
+    message = str(error.value)
+    assert "dino-vits16" in message
+    assert "--weights" in message and str(tmp_path) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_file_round_trip_gives_identical_qkv(tmp_path, image, suffix):
+    spec = get_spec("tiny-vit")
+    source = build_model(spec, seed=3)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = build_model(spec, weights=path)
+    default = build_model(spec)  # seed 0: different weights, so the file must really have been used
+    expected = extract_attention(source, image, PATCH)
+    got = extract_attention(loaded, image, PATCH)
+    other = extract_attention(default, image, PATCH)
+    for a, b, c in zip(expected, got, other):
+        for name in ("q", "k", "v"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert not np.allclose(a.q, c.q)
+
+
+def test_random_models_are_reproducible_from_the_seed(image):
+    spec = get_spec("tiny-vit")
+    a, b = (extract_attention(build_model(spec, seed=5), image, PATCH) for _ in range(2))
+    np.testing.assert_array_equal(a[2].k, b[2].k)
+
+
+def test_missing_or_unreadable_weights_file_raises(tmp_path):
+    spec = get_spec("tiny-vit")
+    with pytest.raises(LdsError, match="does not exist"):
+        build_model(spec, weights=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a state dict")
+    with pytest.raises(LdsError, match="unreadable"):
+        build_model(spec, weights=bad)

@@ -1,0 +1,267 @@
+"""pipeline.solver against dense numpy references, gradcheck and a planted partition (METHOD.md 1, 2, 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import subspace_angles
+from scipy.sparse.linalg import eigsh
+
+from pipeline.decode import kmeans_labels
+from pipeline.extract import LayerAttention
+from pipeline.metrics import confusion_matrix, matched_scores
+from pipeline.solver import (
+    GraphSet,
+    finest_grid,
+    key_query_graphs,
+    objective,
+    orthogonalise,
+    solve_adam,
+    solve_exact,
+)
+from pipeline.solver_params import SolverParams
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def random_graph_set(grid: tuple[int, int], graphs: int, rng: np.random.Generator, dtype=torch.float32) -> GraphSet:
+    n = grid[0] * grid[1]
+    logits = torch.from_numpy(rng.normal(scale=2.0, size=(graphs, n, n)))
+    return GraphSet(grid, torch.softmax(logits, dim=-1).to(dtype), [f"g{grid}/{i}" for i in range(graphs)])
+
+
+def block_mean(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(m, H, W) average-pooled to ``grid`` by plain reshaping (grids divide evenly)."""
+    m, height, width = x.shape
+    return x.reshape(m, grid[0], height // grid[0], grid[1], width // grid[1]).mean(axis=(2, 4))
+
+
+def reference_objective(x: np.ndarray, graph_sets: list[GraphSet], w_e: float, w_o: float):
+    """METHOD.md section 2, written out densely with numpy."""
+    eigenvalues, orthogonality = [], []
+    m = x.shape[0]
+    for gs in graph_sets:
+        z = block_mean(x, gs.grid).reshape(m, -1).T  # (N, m), tokens in row-major (y, x) order
+        z = z / np.linalg.norm(z, axis=0, keepdims=True)
+        gram = z.T @ z
+        ortho = (gram[~np.eye(m, dtype=bool)] ** 2).mean()
+        for a in gs.matrices.double().numpy():
+            eigenvalues.append(np.diag(z.T @ a @ z))
+            orthogonality.append(ortho)
+    eigenvalues, orthogonality = np.array(eigenvalues), np.array(orthogonality)
+    loss = w_e * np.abs(eigenvalues - 1).mean() + w_o * orthogonality.mean()
+    return loss, eigenvalues, orthogonality
+
+
+def min_cos2(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest squared cosine of the principal angles between the column spaces (1 = b's span inside a's)."""
+    return float(np.cos(subspace_angles(a, b)).min() ** 2)
+
+
+def pooling_matrix(fine: tuple[int, int], coarse: tuple[int, int]) -> np.ndarray:
+    """P (N_coarse, N_fine): averaging fine cells into the coarse cell that contains them."""
+    fy, fx = fine[0] // coarse[0], fine[1] // coarse[1]
+    p = np.zeros((coarse[0] * coarse[1], fine[0] * fine[1]))
+    for y in range(fine[0]):
+        for x in range(fine[1]):
+            p[(y // fy) * coarse[1] + x // fx, y * fine[1] + x] = 1 / (fy * fx)
+    return p
+
+
+def dense_operator(graph_sets: list[GraphSet]) -> np.ndarray:
+    """sum_l P_lᵀ (A_l + A_lᵀ)/2 P_l on the finest grid, built explicitly."""
+    grid = finest_grid(graph_sets)
+    n = grid[0] * grid[1]
+    total = np.zeros((n, n))
+    for gs in graph_sets:
+        a = gs.matrices.double().numpy()
+        s = ((a + a.transpose(0, 2, 1)) / 2).sum(0)
+        p = np.eye(n) if gs.grid == grid else pooling_matrix(grid, gs.grid)
+        total += p.T @ s @ p
+    return total
+
+
+# a planted partition of an 8x8 grid into 3 regions of 32, 16 and 16 tokens, aligned with 2x2 cells
+REGIONS = np.zeros((8, 8), dtype=np.int64)
+REGIONS[:, 4:] = 1
+REGIONS[4:, :4] = 2
+
+
+def planted_layers(rng: np.random.Generator, noise: float = 0.03) -> list[LayerAttention]:
+    """Queries and keys that attend (almost) only within the own region: block-structured attention."""
+    layers = []
+    for name, regions, strength in [("fine", REGIONS, 8.0), ("coarse", REGIONS[::2, ::2], 6.0)]:
+        onehot = np.eye(3)[regions]  # (h, w, 3)
+        heads = 2
+        q = np.stack([strength * onehot + noise * rng.normal(size=onehot.shape) for _ in range(heads)])
+        k = np.stack([onehot + noise * rng.normal(size=onehot.shape) for _ in range(heads)])
+        layers.append(LayerAttention(name, q, k, k.copy(), 1.0))
+    return layers
+
+
+def indicators(regions: np.ndarray) -> np.ndarray:
+    return np.stack([(regions == r).ravel().astype(np.float64) for r in np.unique(regions)], axis=1)
+
+
+def matched_miou(labels: np.ndarray, regions: np.ndarray) -> float:
+    k = int(max(labels.max(), regions.max())) + 1
+    return matched_scores(confusion_matrix(regions.ravel(), labels.ravel(), k, k))["miou"]
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+
+
+def test_key_query_graphs_are_row_stochastic_softmax_grouped_by_resolution():
+    rng = np.random.default_rng(0)
+    layers = [
+        LayerAttention("a", rng.normal(size=(2, 4, 6, 8)), rng.normal(size=(2, 4, 6, 8)), rng.normal(size=(2, 4, 6, 8)), 0.3),
+        LayerAttention("b", rng.normal(size=(3, 2, 3, 8)), rng.normal(size=(3, 2, 3, 8)), rng.normal(size=(3, 2, 3, 8)), 0.5),
+        LayerAttention("c", rng.normal(size=(2, 4, 6, 8)), rng.normal(size=(2, 4, 6, 8)), rng.normal(size=(2, 4, 6, 8)), 0.3),
+    ]
+    sets = {gs.grid: gs for gs in key_query_graphs(layers)}
+    assert set(sets) == {(4, 6), (2, 3)}
+    assert sets[(4, 6)].names == ["a/head0", "a/head1", "c/head0", "c/head1"]
+    assert sets[(2, 3)].matrices.shape == (3, 6, 6)
+    # head 1 of layer c, recomputed with numpy
+    q, k = layers[2].q[1].reshape(24, 8), layers[2].k[1].reshape(24, 8)
+    logits = q @ k.T * 0.3
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(sets[(4, 6)].matrices[3].numpy(), expected, rtol=1e-5, atol=1e-6)
+    for gs in sets.values():
+        np.testing.assert_allclose(gs.matrices.sum(-1).numpy(), 1.0, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+@pytest.mark.parametrize("weights", [(2.0, 2.0), (1.0, 0.5)])
+def test_objective_matches_dense_numpy_reference_on_two_resolutions(weights):
+    rng = np.random.default_rng(1)
+    graph_sets = [random_graph_set((4, 6), 3, rng), random_graph_set((2, 3), 2, rng)]
+    x = torch.softmax(torch.from_numpy(rng.normal(size=(5, 4, 6))).float(), dim=0)
+    loss, eig, ortho = objective(x, graph_sets, *weights)
+    ref_loss, ref_eig, ref_ortho = reference_objective(x.double().numpy(), graph_sets, *weights)
+    assert eig.shape == (5, 5) and ortho.shape == (5,)
+    np.testing.assert_allclose(eig.numpy(), ref_eig, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ortho.numpy(), ref_ortho, rtol=1e-4, atol=1e-7)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_objective_is_zero_for_disjoint_indicators_of_invariant_blocks():
+    # block-diagonal row-stochastic A: indicators of the blocks are exact eigenvectors with eigenvalue 1
+    a = torch.zeros(16, 16)
+    a[:8, :8] = 1 / 8
+    a[8:, 8:] = 1 / 8
+    x = torch.zeros(2, 4, 4)
+    x[0, :2] = 1  # tokens 0..7 (rows 0-1)
+    x[1, 2:] = 1
+    loss, eig, ortho = objective(x, [GraphSet((4, 4), a[None], ["a"])], 2.0, 2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(eig.numpy(), [[1.0, 1.0]], atol=1e-6)
+    assert ortho.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_objective_gradcheck_float64():
+    rng = np.random.default_rng(2)
+    graph_sets = [random_graph_set((4, 4), 2, rng, torch.float64), random_graph_set((2, 2), 1, rng, torch.float64)]
+    x = torch.from_numpy(rng.uniform(0.1, 1.0, size=(3, 4, 4))).requires_grad_()
+    loss, eig, ortho = objective(x, graph_sets, 2.0, 2.0)
+    assert loss.dtype == eig.dtype == ortho.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda t: objective(t, graph_sets, 2.0, 2.0), (x,), eps=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- solutions
+
+
+def test_orthogonalise_gives_orthogonal_components_in_decreasing_order_with_the_same_token_gram():
+    x = np.random.default_rng(3).uniform(size=(4, 5, 6)).astype(np.float32)
+    out = orthogonalise(x)
+    flat = out.reshape(4, -1).astype(np.float64)
+    gram = flat @ flat.T
+    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-5)
+    assert np.all(np.diff(np.diag(gram)) <= 1e-6)
+    normalised = x.reshape(4, -1).astype(np.float64)
+    normalised /= np.linalg.norm(normalised, axis=1, keepdims=True)
+    np.testing.assert_allclose(flat.T @ flat, normalised.T @ normalised, atol=1e-5)
+
+
+def test_solve_exact_matches_eigsh_on_the_dense_operator_single_resolution():
+    rng = np.random.default_rng(4)
+    layers = [
+        LayerAttention(f"l{i}", 2 * rng.normal(size=(2, 6, 6, 4)), rng.normal(size=(2, 6, 6, 4)),
+                       rng.normal(size=(2, 6, 6, 4)), 0.5)
+        for i in range(2)
+    ]
+    graph_sets = key_query_graphs(layers)
+    k = 4
+    dense = dense_operator(graph_sets)
+    values, vectors = eigsh(dense, k=k + 1, which="LA")
+    values, vectors = values[::-1], vectors[:, ::-1]
+    assert values[k - 1] - values[k] > 0.05  # a gap, so the leading subspace is well defined
+    solution = solve_exact(graph_sets, SolverParams(channels=k))
+    u = solution.x.reshape(k, -1).T.astype(np.float64)
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-5)
+    np.testing.assert_allclose(np.diag(u.T @ dense @ u), values[:k], rtol=1e-4)  # in decreasing order
+    assert min_cos2(u, vectors[:, :k]) > 0.9999
+    # x_ortho keeps the eigenvalue order: its leading components span the leading eigenvectors
+    for j in range(1, k + 1):
+        assert min_cos2(solution.x_ortho.reshape(k, -1)[:j].T, vectors[:, :j]) > 0.999
+    assert solution.eigenvalues.shape == (4, k) and solution.losses.shape == (0,)
+
+
+def test_solve_exact_two_resolutions_matches_explicit_pooling_operator():
+    rng = np.random.default_rng(5)
+    graph_sets = [random_graph_set((4, 6), 2, rng), random_graph_set((2, 3), 2, rng)]
+    k = 3
+    values, vectors = np.linalg.eigh(dense_operator(graph_sets))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    assert values[k - 1] - values[k] > 0.02
+    u = solve_exact(graph_sets, SolverParams(channels=k)).x.reshape(k, -1).T
+    assert min_cos2(u, vectors[:, :k]) > 0.999
+
+
+# -------------------------------------------------------------------------------------- planted partition
+
+
+@pytest.fixture(scope="module")
+def planted_graphs():
+    return key_query_graphs(planted_layers(np.random.default_rng(6)))
+
+
+def test_attention_of_planted_layers_is_block_structured(planted_graphs):
+    fine = next(gs for gs in planted_graphs if gs.grid == (8, 8)).matrices.numpy()
+    same = REGIONS.ravel()[:, None] == REGIONS.ravel()[None, :]
+    within = (fine * same).sum(-1)
+    assert within.min() > 0.95
+
+
+def test_solve_exact_leading_components_contain_the_partition(planted_graphs):
+    # more channels than regions: the leading 3 components (not just any 3) must hold the indicators
+    solution = solve_exact(planted_graphs, SolverParams(channels=6))
+    leading = solution.x_ortho.reshape(6, -1)[:3].T
+    assert min_cos2(leading, indicators(REGIONS)) > 0.95
+    labels = kmeans_labels(solution.x_ortho[:3], 3)
+    assert matched_miou(labels, REGIONS) > 0.9
+
+
+def test_solve_adam_recovers_the_partition(planted_graphs):
+    params = SolverParams(channels=4, steps=300, lr=1e-2, seed=0)
+    solution = solve_adam(planted_graphs, params)
+    assert solution.x.shape == (4, 8, 8) and solution.x_ortho.shape == (4, 8, 8)
+    assert solution.x.min() >= 0
+    np.testing.assert_allclose(solution.x.sum(0), 1.0, rtol=1e-5)  # softmax over channels
+    assert solution.losses.shape == (300,) and solution.losses[-1] < 0.5 * solution.losses[0]
+    assert len(solution.graph_names) == solution.eigenvalues.shape[0] == 4
+    assert min_cos2(solution.x_ortho.reshape(4, -1)[:3].T, indicators(REGIONS)) > 0.95
+    labels = kmeans_labels(solution.x_ortho, 3)
+    assert matched_miou(labels, REGIONS) > 0.9
+
+
+def test_solve_adam_is_deterministic_for_a_seed(planted_graphs):
+    runs = [solve_adam(planted_graphs, SolverParams(channels=3, steps=40, lr=1e-2, seed=s)) for s in (7, 7, 8)]
+    np.testing.assert_array_equal(runs[0].x, runs[1].x)
+    np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
+    assert not np.array_equal(runs[0].x, runs[2].x)
