@@ -1,14 +1,20 @@
-"""Pseudo-eigenvectors shared by many attention graphs (METHOD.md sections 1-3).
+"""Pseudo-eigenvectors shared by many attention graphs (METHOD.md sections 2-3).
 
-``solve_adam`` is the paper's optimisation: X (m channels on the finest grid, softmax over channels)
-is average-pooled to each graph's resolution, and the loss pushes diag(Zᵀ A Z) towards 1 while keeping
-the columns of Z orthogonal. ``solve_exact`` computes the leading eigenvectors of the sum of the
-symmetrised graphs directly.
+``solve_adam`` is the paper's optimisation: X (m channels on the finest grid, softmax over channels,
+either free features or the reference code's small conv net) is average-pooled to each graph's
+resolution, and the loss pushes diag(Zᵀ A Z) towards 1 while keeping the columns of Z orthogonal.
+Graphs come from an ``AttentionBuffer``: one fixed set for ViTs, a buffer over the stored timesteps for
+Stable Diffusion. ``solve_exact`` computes the leading eigenvectors of the sum of the symmetrised graphs
+directly (Lanczos through scipy's eigsh), holding at most one N x N matrix per resolution, or none at all
+above ``dense_limit`` tokens, where graphs are applied block by block from Q and K.
 """
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,124 +22,274 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.extract import LayerAttention
-from pipeline.solver_params import SolverParams
+from pipeline.graphs import GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised
+from pipeline.solver_params import GraphOptions, SolverParams
 
-@dataclass
-class GraphSet:
-    """Graphs that share one resolution: ``matrices`` is (graphs, N, N), N = h * w."""
-
-    grid: tuple[int, int]
-    matrices: torch.Tensor
-    names: list[str]
+DENSE_LIMIT = 4096  # tokens (64 x 64): above this the exact solver applies graphs from Q and K
 
 
 @dataclass
 class Solution:
     x: np.ndarray  # (channel, y, x) on the finest grid: softmax output (adam) or eigenvectors (exact)
-    x_ortho: np.ndarray  # (component, y, x), components in decreasing singular value order
+    x_ortho: np.ndarray  # (component, y, x): U S, components in decreasing order
+    u: np.ndarray  # (component, y, x): the orthonormal eigenvectors U, decreasing order
     eigenvalues: np.ndarray  # (graph, channel): diag(Zᵀ A Z)
     orthogonality: np.ndarray  # (graph,): mean squared off-diagonal of Zᵀ Z
     losses: np.ndarray  # (step,)
     graph_names: list[str]
 
 
-def key_query_graphs(layers: list[LayerAttention]) -> list[GraphSet]:
-    """One row-stochastic graph softmax(Q Kᵀ / sqrt(d)) per head per layer, grouped by resolution."""
-    by_grid: dict[tuple[int, int], tuple[list[torch.Tensor], list[str]]] = {}
-    for layer in layers:
-        q = torch.from_numpy(layer.q.astype(np.float32)).flatten(1, 2)  # (head, N, dim)
-        k = torch.from_numpy(layer.k.astype(np.float32)).flatten(1, 2)
-        attention = torch.softmax(q @ k.transpose(1, 2) * layer.scale, dim=-1)
-        matrices, names = by_grid.setdefault(layer.grid, ([], []))
-        matrices.append(attention)
-        names += [f"{layer.name}/head{h}" for h in range(attention.shape[0])]
-    return [GraphSet(grid, torch.cat(m), names) for grid, (m, names) in by_grid.items()]
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def finest_grid(graph_sets: list[GraphSet]) -> tuple[int, int]:
     return max((gs.grid for gs in graph_sets), key=lambda g: g[0] * g[1])
 
 
-def pooled_columns(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """X (m, H, W) average-pooled to ``grid``, as (N, m) with unit-length columns."""
-    pooled = x if tuple(x.shape[1:]) == grid else F.adaptive_avg_pool2d(x[None], grid)[0]
-    z = pooled.flatten(1).T
-    return z / z.norm(dim=0, keepdim=True).clamp_min(1e-12)
+def pooled(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """X (m, H, W) average-pooled to ``grid``, as (N, m)."""
+    small = x if tuple(x.shape[1:]) == grid else F.adaptive_avg_pool2d(x[None], grid)[0]
+    return small.flatten(1).T
+
+
+def unit_columns(z: torch.Tensor) -> torch.Tensor:
+    return z / z.norm(dim=-2, keepdim=True).clamp_min(1e-12)
 
 
 def objective(
     x: torch.Tensor, graph_sets: list[GraphSet], weight_eig: float, weight_ortho: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss, eigenvalues (graph, channel) and orthogonality (graph,) for non-negative X (m, H, W)."""
+    """Loss, eigenvalues (graph, channel) and orthogonality (graph,) for X (m, H, W)."""
     eigenvalues, orthogonality = [], []
-    channels = x.shape[0]
-    off_diagonal = ~torch.eye(channels, dtype=torch.bool)
+    off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
     for graph_set in graph_sets:
-        z = pooled_columns(x, graph_set.grid)
-        eig = (z[None] * (graph_set.matrices @ z)).sum(dim=1)  # diag(Zᵀ A Z) for every graph
-        gram = z.T @ z
-        ortho = gram[off_diagonal].pow(2).mean()
+        base = pooled(x, graph_set.grid)
+        if graph_set.scale is None:  # one Z shared by every graph of this resolution
+            z = unit_columns(base)
+            eig = (z[None] * (graph_set.matrices @ z)).sum(dim=1)
+            ortho = (z.T @ z)[off_diagonal].pow(2).mean().expand(graph_set.matrices.shape[0])
+        else:  # laplacian: Z_l = sqrt(D_l) X, normalised, per graph
+            z = unit_columns(graph_set.scale[:, :, None] * base[None])
+            eig = (z * (graph_set.matrices @ z)).sum(dim=1)
+            ortho = (z.transpose(1, 2) @ z)[:, off_diagonal].pow(2).mean(dim=1)
         eigenvalues.append(eig)
-        orthogonality.append(ortho.expand(graph_set.matrices.shape[0]))
+        orthogonality.append(ortho)
     eigenvalues_all = torch.cat(eigenvalues)
     orthogonality_all = torch.cat(orthogonality)
     loss = weight_eig * (eigenvalues_all - 1).abs().mean() + weight_ortho * orthogonality_all.mean()
     return loss, eigenvalues_all, orthogonality_all
 
 
-def orthogonalise(x: np.ndarray) -> np.ndarray:
-    """X_ortho = U S of the SVD of X with unit-length channels; (m, H, W) in, (m, H, W) out."""
+def svd_components(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """U (m, H, W) and S (m,) of the SVD of X with unit-length channels, decreasing order."""
     flat = x.reshape(x.shape[0], -1).T.astype(np.float64)
     flat = flat / np.maximum(np.linalg.norm(flat, axis=0, keepdims=True), 1e-12)
     u, s, _ = np.linalg.svd(flat, full_matrices=False)
-    return (u * s).T.reshape(x.shape).astype(np.float32)
+    return u.T.reshape(x.shape).astype(np.float32), s.astype(np.float32)
 
 
-def solve_adam(graph_sets: list[GraphSet], params: SolverParams, progress: bool = False) -> Solution:
-    """The paper's optimisation: Adam on free features, softmax over channels."""
-    generator = torch.Generator().manual_seed(params.seed)
-    grid = finest_grid(graph_sets)
-    logits = torch.randn((params.channels, *grid), generator=generator).requires_grad_()
-    optimiser = torch.optim.Adam([logits], lr=params.lr)
+def orthogonalise(x: np.ndarray) -> np.ndarray:
+    """X_ortho = U S of the SVD of X with unit-length channels; (m, H, W) in, (m, H, W) out."""
+    u, s = svd_components(x)
+    return u * s[:, None, None]
+
+
+class AttentionBuffer:
+    """The attention sets the Adam solver draws from (METHOD.md section 3).
+
+    ``builders[i]()`` builds the graphs of stored attention set i (a Stable Diffusion timestep). The buffer
+    keeps up to ``size`` built sets; each draw takes a new set with probability ``refresh`` (always while
+    the buffer is empty), replacing the oldest, and otherwise reuses a random buffered one. With a single
+    attention set (ViTs) every draw returns it.
+    """
+
+    def __init__(self, builders: list[Callable[[], list[GraphSet]]], size: int = 5, refresh: float = 0.25, seed: int = 0):
+        self.builders = builders
+        self.size = size
+        self.refresh = refresh
+        self.random = random.Random(seed)
+        self.sets: OrderedDict[int, list[GraphSet]] = OrderedDict()
+
+    @classmethod
+    def fixed(cls, sets: list[GraphSet]) -> AttentionBuffer:
+        return cls([lambda: sets])
+
+    @classmethod
+    def from_layers(cls, layer_sets: list[list[LayerAttention]], params: SolverParams, device: str) -> AttentionBuffer:
+        """One attention set per stored timestep, graphs built on first use."""
+        builders = [lambda layers=layers: graph_sets(layers, params.graphs, device) for layers in layer_sets]
+        return cls(builders, params.buffer, params.refresh, params.seed)
+
+    def draw(self) -> list[GraphSet]:
+        if not self.sets or (len(self.builders) > 1 and self.random.random() < self.refresh):
+            index = self.random.randrange(len(self.builders))
+            if index not in self.sets:
+                self.sets[index] = self.builders[index]()
+                if len(self.sets) > self.size:
+                    self.sets.popitem(last=False)
+            return self.sets[index]
+        return self.sets[self.random.choice(list(self.sets))]
+
+
+class FreeField(torch.nn.Module):
+    """X's logits as free parameters (the paper's description)."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], init: torch.Tensor | None = None):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(channels, *grid) if init is None else init.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.logits
+
+
+class ConvField(torch.nn.Module):
+    """X's logits from a small conv net over a learned random input (the reference code)."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], hidden: int = 128, inputs: int = 32):
+        super().__init__()
+        self.input = torch.nn.Parameter(torch.randn(1, inputs, *grid))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(inputs, hidden, 3, padding=1), torch.nn.BatchNorm2d(hidden), torch.nn.ReLU(),
+            torch.nn.Conv2d(hidden, hidden, 3, padding=1), torch.nn.BatchNorm2d(hidden), torch.nn.ReLU(),
+            torch.nn.Conv2d(hidden, channels, 3, padding=1),
+        )
+
+    def forward(self) -> torch.Tensor:
+        return self.net(self.input)[0]
+
+
+def initial_logits(u: np.ndarray) -> torch.Tensor:
+    """Logits for a warm start from eigenvectors U (m, H, W): unit-norm columns scaled to O(1) entries."""
+    size = u[0].size
+    return torch.from_numpy(u * np.sqrt(size)).float()
+
+
+def solve_adam(
+    source: list[GraphSet] | AttentionBuffer, params: SolverParams, progress: bool = False, init: np.ndarray | None = None
+) -> Solution:
+    """The paper's optimisation: Adam on X (softmax over channels), ``params.accumulate`` passes per step.
+
+    ``init`` (eigenvectors U, e.g. from ``solve_exact``) warm-starts free features.
+    """
+    buffer = source if isinstance(source, AttentionBuffer) else AttentionBuffer.fixed(source)
+    first = buffer.draw()
+    device = first[0].matrices.device
+    grid = finest_grid(first)
+    torch.manual_seed(params.seed)
+    if params.parameterisation == "convnet":
+        field = ConvField(params.channels, grid)
+    else:
+        field = FreeField(params.channels, grid, None if init is None else initial_logits(init))
+    field = field.to(device)
+    optimiser = torch.optim.Adam(field.parameters(), lr=params.lr)
     losses = np.zeros(params.steps, dtype=np.float32)
     for step in tqdm(range(params.steps), desc="solve", disable=not progress, leave=False):
         optimiser.zero_grad()
-        loss, _, _ = objective(torch.softmax(logits, dim=0), graph_sets, params.weight_eig, params.weight_ortho)
-        loss.backward()
+        total = 0.0
+        for _ in range(params.accumulate):
+            loss, _, _ = objective(torch.softmax(field(), dim=0), buffer.draw(), params.weight_eig, params.weight_ortho)
+            (loss / params.accumulate).backward()
+            total += loss.item() / params.accumulate
         optimiser.step()
-        losses[step] = loss.item()
+        losses[step] = total
     with torch.no_grad():
-        x = torch.softmax(logits, dim=0)
-        _, eig, ortho = objective(x, graph_sets, params.weight_eig, params.weight_ortho)
-    x_np = x.numpy()
-    return Solution(x_np, orthogonalise(x_np), eig.numpy(), ortho.numpy(), losses, _names(graph_sets))
+        x = torch.softmax(field(), dim=0)
+        _, eig, ortho = objective(x, first, params.weight_eig, params.weight_ortho)
+    x_np = x.cpu().numpy()
+    u, s = svd_components(x_np)
+    return Solution(x_np, u * s[:, None, None], u, eig.cpu().numpy(), ortho.cpu().numpy(), losses,
+                    [name for gs in first for name in gs.names])
 
 
-def solve_exact(graph_sets: list[GraphSet], params: SolverParams) -> Solution:
-    """Leading eigenvectors of the sum of symmetrised graphs, each lifted to the finest grid."""
+@dataclass
+class ExactOperator:
+    """Σ_l P_lᵀ (A_l + A_lᵀ)/2 P_l on the finest grid: per resolution a dense sum, or layers to stream."""
+
+    grid: tuple[int, int]
+    dense: dict[tuple[int, int], torch.Tensor]
+    streamed: list[LayerAttention]
+    options: GraphOptions
+
+    @classmethod
+    def from_graph_sets(cls, sets: list[GraphSet]) -> ExactOperator:
+        dense = {gs.grid: ((gs.matrices + gs.matrices.transpose(1, 2)) / 2).sum(0).double() for gs in sets}
+        return cls(finest_grid(sets), dense, [], GraphOptions())
+
+    @classmethod
+    def from_layers(cls, layers: list[LayerAttention], options: GraphOptions, device: str = "cpu",
+                    dense_limit: int = DENSE_LIMIT) -> ExactOperator:
+        """From stored Q/K/V: graphs summed one layer at a time, or streamed when N > ``dense_limit``."""
+        chosen = select(layers, options)
+        dense: dict[tuple[int, int], torch.Tensor] = {}
+        streamed = []
+        for layer in chosen:
+            if layer.grid[0] * layer.grid[1] > dense_limit:
+                streamed.append(layer)
+                continue
+            summed = summed_symmetrised(layer, options, device)
+            dense[layer.grid] = dense[layer.grid] + summed if layer.grid in dense else summed
+        grid = max((layer.grid for layer in chosen), key=lambda g: g[0] * g[1])
+        return cls(grid, dense, streamed, options)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(vectors)
+        for graph_grid, matrix in self.dense.items():
+            out += _lift(matrix @ _pool(vectors, self.grid, graph_grid), self.grid, graph_grid)
+        for layer in self.streamed:
+            out += _lift(apply_symmetrised(layer, self.options, _pool(vectors, self.grid, layer.grid).float()).double(),
+                         self.grid, layer.grid)
+        return out
+
+
+def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams) -> tuple[np.ndarray, np.ndarray]:
+    """The ``params.channels`` leading eigenvectors U (m, H, W) and eigenvalues of the combined operator."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    grid = finest_grid(graph_sets)
-    size = grid[0] * grid[1]
-    symmetric = [(gs.grid, ((gs.matrices + gs.matrices.transpose(1, 2)) / 2).sum(0).double()) for gs in graph_sets]
+    if not isinstance(operator, ExactOperator):
+        operator = ExactOperator.from_graph_sets(operator)
+    size = operator.grid[0] * operator.grid[1]
+    device = next(iter(operator.dense.values())).device if operator.dense else "cpu"
 
     def apply(vectors: np.ndarray) -> np.ndarray:
-        v = torch.from_numpy(np.asarray(vectors, dtype=np.float64).reshape(size, -1))
-        out = torch.zeros_like(v)
-        for graph_grid, matrix in symmetric:
-            out += _lift(matrix @ _pool(v, grid, graph_grid), grid, graph_grid)
-        return out.numpy()
+        v = torch.from_numpy(np.asarray(vectors, dtype=np.float64).reshape(size, -1)).to(device)
+        return operator(v).cpu().numpy()
 
-    operator = LinearOperator((size, size), matvec=apply, matmat=apply, dtype=np.float64)
-    values, vectors = eigsh(operator, k=params.channels, which="LA", v0=np.ones(size))
+    linear = LinearOperator((size, size), matvec=apply, matmat=apply, dtype=np.float64)
+    values, vectors = eigsh(linear, k=params.channels, which="LA", v0=np.ones(size))
     order = np.argsort(values)[::-1]
     u = vectors[:, order] * np.sign(vectors[:, order].sum(0, keepdims=True) + 1e-12)
-    x = u.T.reshape(params.channels, *grid).astype(np.float32)
-    with torch.no_grad():
-        _, eig, ortho = objective(torch.from_numpy(x), graph_sets, params.weight_eig, params.weight_ortho)
-    # The eigenvectors are already orthonormal, so X = U S Vᵀ with U = X, S = V = I; orthogonalise() would
-    # return an arbitrary rotation of them (all singular values tie at 1) and lose the eigenvalue order.
-    return Solution(x, x.copy(), eig.numpy(), ortho.numpy(), np.zeros(0, np.float32), _names(graph_sets))
+    return u.T.reshape(params.channels, *operator.grid).astype(np.float32), values[order]
+
+
+def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions, names: list[str] | None = None) -> Solution:
+    """A Solution from eigenvectors U: X = X_ortho = U (already orthonormal, in eigenvalue order)."""
+    eigenvalues, orthogonality = measure(u, layers, options)
+    return Solution(u, u.copy(), u.copy(), eigenvalues, orthogonality, np.zeros(0, np.float32),
+                    names or [n for layer in select(layers, options) for n in head_names(layer, options)])
+
+
+@torch.no_grad()
+def measure(x: np.ndarray, layers: list[LayerAttention], options: GraphOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``objective``'s eigenvalue and orthogonality terms, one row block at a time (no graph kept whole)."""
+    features = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool)
+    eigenvalues, orthogonality = [], []
+    for layer in select(layers, options):
+        base = pooled(features, layer.grid)
+        eig = z = None
+        for rows, block, scale in row_blocks(layer, options):
+            if z is None:
+                z = unit_columns(base[None] if scale is None else scale[:, :, None] * base[None])
+                z = z.expand(block.shape[0], -1, -1)
+                eig = torch.zeros(block.shape[0], x.shape[0])
+            eig += (z[:, rows] * (block @ z)).sum(dim=1)
+        eigenvalues.append(eig)
+        orthogonality.append((z.transpose(1, 2) @ z)[:, off_diagonal].pow(2).mean(dim=1))
+    return torch.cat(eigenvalues).numpy(), torch.cat(orthogonality).numpy()
 
 
 def _pool(v: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
@@ -148,10 +304,6 @@ def _lift(v: torch.Tensor, grid: tuple[int, int], source: tuple[int, int]) -> to
     """The adjoint of ``_pool``: spread coarse values back over the fine cells they average."""
     if grid == source:
         return v
-    fine = torch.zeros(grid[0] * grid[1], v.shape[1], dtype=v.dtype, requires_grad=True)
-    (pooled,) = torch.autograd.grad(_pool(fine, grid, source), fine, grad_outputs=v)
-    return pooled
-
-
-def _names(graph_sets: list[GraphSet]) -> list[str]:
-    return [name for gs in graph_sets for name in gs.names]
+    fine = torch.zeros(grid[0] * grid[1], v.shape[1], dtype=v.dtype, device=v.device, requires_grad=True)
+    (lifted,) = torch.autograd.grad(_pool(fine, grid, source), fine, grad_outputs=v)
+    return lifted

@@ -17,7 +17,7 @@ from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 
 # Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 1, "extract": 1, "solve": 2, "decode": 1, "evaluate": 1}
+STAGE_VERSIONS = {"preprocess": 1, "extract": 1, "solve": 3, "decode": 1, "evaluate": 1}
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 

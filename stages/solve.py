@@ -2,57 +2,103 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
-from pipeline.solver_params import SOLVERS, SolverParams
+from pipeline.solver_params import (
+    DEVICES, GRAPH_KINDS, INITS, PARAMETERISATIONS, SOLVERS, VARIANTS, GraphOptions, SolverParams,
+)
 from pipeline.store import ArraySpec, Store
 from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option
 
 
-def read_layers(item_group):
-    """The LayerAttention list stored for one image by `lds extract`."""
+def read_layer_sets(item_group) -> list:
+    """The stored layers of one image, as one list of LayerAttention per attention set.
+
+    ViTs store (head, y, x, dim) arrays: one set. Stable Diffusion stores (timestep, head, y, x, dim):
+    one set per timestep, its layers named ``<layer>@t<timestep>``.
+    """
     from pipeline.extract import LayerAttention
 
-    layers = item_group["layers"]
+    groups = sorted(item_group["layers"].groups())
+    arrays = {name: tuple(group[part][...] for part in ("q", "k", "v")) for name, group in groups}
+    scales = {name: group.attrs["scale"] for name, group in groups}
+    first = next(iter(arrays.values()))[0]
+    if first.ndim == 4:
+        return [[LayerAttention(name, q, k, v, scales[name]) for name, (q, k, v) in arrays.items()]]
+    timesteps = dict(groups)[groups[0][0]].attrs.get("timesteps", list(range(first.shape[0])))
     return [
-        LayerAttention(name, group["q"][...], group["k"][...], group["v"][...], group.attrs["scale"])
-        for name, group in sorted(layers.groups())
+        [LayerAttention(f"{name}@t{t}", q[i], k[i], v[i], scales[name]) for name, (q, k, v) in arrays.items()]
+        for i, t in enumerate(timesteps)
     ]
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else ()
 
 
 @click.command()
 @input_option
-@click.option("--solver", type=click.Choice(SOLVERS), default="adam", show_default=True, help="adam: the paper's optimisation; exact: eigenvectors of the summed graphs.")
+@click.option("--solver", type=click.Choice(SOLVERS), default="adam", show_default=True, help="adam: the paper's optimisation; exact: eigenvectors of the summed graphs (fast).")
 @click.option("--channels", type=click.IntRange(2), default=15, show_default=True, help="Number of eigenvectors m.")
+@click.option("--graph", "kind", type=click.Choice(GRAPH_KINDS), default="kq", show_default=True, help="kq: key-query attention ('where'); vv: value-value cosine similarity ('what').")
+@click.option("--variant", type=click.Choice(VARIANTS), default="random-walk", show_default=True, help="Graph normalisation.")
+@click.option("--layers", default=None, help="Comma-separated layer names or indices (default: all).")
+@click.option("--heads", default=None, help="Comma-separated head indices (default: all).")
 @click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Adam steps.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--parameterisation", type=click.Choice(PARAMETERISATIONS), default="free", show_default=True, help="free: X's logits optimised directly; convnet: the reference code's conv net.")
+@click.option("--init", type=click.Choice(INITS), default="random", show_default=True, help="exact: warm-start Adam from the exact solver's eigenvectors (free features only).")
+@click.option("--accumulate", type=click.IntRange(1), default=1, show_default=True, help="Passes per Adam step (the paper: 20), each drawing an attention set.")
+@click.option("--buffer", type=click.IntRange(1), default=5, show_default=True, help="Attention sets (timesteps) kept in the buffer.")
+@click.option("--refresh", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Probability that a pass draws a new attention set.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto: CUDA when present.")
 @click.option("--progress/--no-progress", default=False, help="A progress bar over solver steps.")
 @store_option
 @manifest_option
-def solve(input_manifest, solver, channels, steps, lr, seed, progress, store_root, manifest):
-    """Solve for X on the key-query graphs of every head of every layer, per image."""
+def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps, lr, parameterisation, init,
+          accumulate, buffer, refresh, seed, device, progress, store_root, manifest):
+    """Solve for X on the attention graphs of every selected head of every layer, per image."""
+    if init == "exact" and parameterisation != "free":
+        raise click.UsageError("--init exact warm-starts free features only; use --parameterisation free")
+    if heads and not all(h.isdigit() for h in _csv(heads)):
+        raise click.BadParameter(f"expected comma-separated integers, got {heads!r}", param_hint="--heads")
+    options = GraphOptions(kind, variant, _csv(layers), tuple(int(h) for h in _csv(heads)))
+    settings = SolverParams(
+        channels=channels, steps=steps, lr=lr, seed=seed, parameterisation=parameterisation, init=init,
+        accumulate=accumulate, buffer=buffer, refresh=refresh, device=device, graphs=options,
+    )
+    params = {"solver": solver, "channels": channels, "graphs": asdict(options)}
+    if solver == "adam":
+        params |= {key: value for key, value in asdict(settings).items() if key not in ("device", "graphs")}
     store = Store(store_root)
     source = read_manifest(input_manifest)
-    params = {"solver": solver, "channels": channels, "seed": seed}
-    if solver == "adam":
-        params |= {"steps": steps, "lr": lr, "weight_eig": 2.0, "weight_ortho": 2.0}
-    settings = SolverParams(channels=channels, steps=steps, lr=lr, seed=seed)
     images = store.open(source)["items"]
 
     def compute(item: str):
-        from pipeline.solver import key_query_graphs, solve_adam, solve_exact
+        from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, resolve_device, solve_adam, solve_exact
 
-        graphs = key_query_graphs(read_layers(images[item]))
-        result = solve_adam(graphs, settings, progress) if solver == "adam" else solve_exact(graphs, settings)
+        layer_sets = read_layer_sets(images[item])
+        on = resolve_device(device)
+        every_layer = [layer for layers in layer_sets for layer in layers]
+        u = None
+        if solver == "exact" or init == "exact":
+            u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, on), settings)
+        if solver == "exact":
+            result = exact_solution(u, every_layer, options)
+        else:
+            result = solve_adam(AttentionBuffer.from_layers(layer_sets, settings, on), settings, progress, init=u)
         arrays = {
-            "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (softmax over channels)"}),
+            "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (adam: softmax over channels; exact: eigenvectors)"}),
             "X_ortho": ArraySpec(result.x_ortho, ("component", "y", "x"), {"description": "X re-orthogonalised by SVD (U S), decreasing order"}),
-            "eigenvalues": ArraySpec(result.eigenvalues, ("graph", "channel"), {"description": "diag(Zᵀ A Z) per graph"}),
-            "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z"}),
-            "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step"}),
+            "U": ArraySpec(result.u, ("component", "y", "x"), {"description": "orthonormal eigenvectors U, decreasing order"}),
+            "eigenvalues": ArraySpec(result.eigenvalues, ("graph", "channel"), {"description": "diag(Zᵀ A Z) per graph (target 1)"}),
+            "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z (target 0)"}),
+            "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step (empty for exact)"}),
         }
-        return arrays, {"graphs": result.graph_names}, {}
+        return arrays, {"graphs": result.graph_names, "device": on, "attention_sets": len(layer_sets)}, {}
 
     run_stage(
         store,

@@ -200,3 +200,21 @@ def test_kill_during_a_stage_then_rerun_matches_an_uninterrupted_run(tmp_path):
         for name in ("X", "X_ortho", "losses"):
             np.testing.assert_array_equal(a[f"items/{item}/{name}"][...], b[f"items/{item}/{name}"][...])
     assert Store(store).verify(ArtifactRef("solve", key)) == []
+
+
+def test_solve_options_select_graphs_and_store_u(chain, tmp_path):
+    store_root, manifests = chain
+    out = tmp_path / "vv.json"
+    lds("solve", "--input", manifests["extract"], "--solver", "exact", "--graph", "vv", "--variant", "laplacian",
+        "--layers", "block03,0", "--heads", "1", "--channels", 4, "--store", store_root, "--manifest", out)
+    solved = Store(store_root).open(ArtifactRef("solve", json.loads(out.read_text())["key"]))
+    assert solved.attrs["params"]["graphs"] == {"kind": "vv", "variant": "laplacian", "layers": ["block03", "0"], "heads": [1]}
+    item = solved["items/shapes-0000"]
+    assert item.attrs["graphs"] == ["block03/head1", "block00/head1"]
+    u = item["U"][...].reshape(4, -1)
+    np.testing.assert_allclose(u @ u.T, np.eye(4), atol=1e-4)
+    assert item["eigenvalues"].shape == (2, 4) and item["losses"].shape == (0,)
+    bad = lds("solve", "--input", manifests["extract"], "--layers", "block09", "--store", store_root, expect_ok=False)
+    assert bad.exit_code != 0 and "layer 'block09' is not stored" in bad.output
+    refused = lds("solve", "--input", manifests["extract"], "--parameterisation", "convnet", "--init", "exact", "--store", store_root, expect_ok=False)
+    assert refused.exit_code != 0 and "--init exact warm-starts free features only" in refused.output

@@ -11,16 +11,13 @@ from scipy.sparse.linalg import eigsh
 from pipeline.decode import kmeans_labels
 from pipeline.extract import LayerAttention
 from pipeline.metrics import confusion_matrix, matched_scores
-from pipeline.solver import (
-    GraphSet,
-    finest_grid,
-    key_query_graphs,
-    objective,
-    orthogonalise,
-    solve_adam,
-    solve_exact,
-)
-from pipeline.solver_params import SolverParams
+from pipeline.graphs import GraphSet, graph_sets
+from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, finest_grid, objective, orthogonalise, solve_adam, solve_exact
+from pipeline.solver_params import GraphOptions, SolverParams
+
+
+def key_query_graphs(layers: list[LayerAttention]) -> list[GraphSet]:
+    return graph_sets(layers, GraphOptions())
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -201,15 +198,26 @@ def test_solve_exact_matches_eigsh_on_the_dense_operator_single_resolution():
     values, vectors = eigsh(dense, k=k + 1, which="LA")
     values, vectors = values[::-1], vectors[:, ::-1]
     assert values[k - 1] - values[k] > 0.05  # a gap, so the leading subspace is well defined
-    solution = solve_exact(graph_sets, SolverParams(channels=k))
-    u = solution.x.reshape(k, -1).T.astype(np.float64)
-    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-5)
-    np.testing.assert_allclose(np.diag(u.T @ dense @ u), values[:k], rtol=1e-4)  # in decreasing order
-    assert min_cos2(u, vectors[:, :k]) > 0.9999
-    # x_ortho keeps the eigenvalue order: its leading components span the leading eigenvectors
+    u, eigenvalues = solve_exact(graph_sets, SolverParams(channels=k))
+    flat = u.reshape(k, -1).T.astype(np.float64)
+    np.testing.assert_allclose(flat.T @ flat, np.eye(k), atol=1e-5)
+    np.testing.assert_allclose(eigenvalues, values[:k], rtol=1e-6)  # in decreasing order
+    np.testing.assert_allclose(np.diag(flat.T @ dense @ flat), values[:k], rtol=1e-4)
+    assert min_cos2(flat, vectors[:, :k]) > 0.9999
+    # the same operator built from the layers themselves, summed or streamed block by block
+    for limit in (10_000, 0):
+        u_layers, values_layers = solve_exact(ExactOperator.from_layers(layers, GraphOptions(), dense_limit=limit), SolverParams(channels=k))
+        np.testing.assert_allclose(values_layers, values[:k], rtol=1e-5)
+        assert min_cos2(u_layers.reshape(k, -1).T, vectors[:, :k]) > 0.9999
+    solution = exact_solution(u, layers, GraphOptions())
+    # X_ortho keeps the eigenvalue order: its leading components span the leading eigenvectors
     for j in range(1, k + 1):
         assert min_cos2(solution.x_ortho.reshape(k, -1)[:j].T, vectors[:, :j]) > 0.999
     assert solution.eigenvalues.shape == (4, k) and solution.losses.shape == (0,)
+    # the streamed eigenvalue / orthogonality terms equal the dense objective's
+    _, eig, ortho = objective(torch.from_numpy(u), graph_sets, 2.0, 2.0)
+    np.testing.assert_allclose(solution.eigenvalues, eig.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(solution.orthogonality, ortho.numpy(), rtol=1e-4, atol=1e-9)
 
 
 def test_solve_exact_two_resolutions_matches_explicit_pooling_operator():
@@ -219,7 +227,7 @@ def test_solve_exact_two_resolutions_matches_explicit_pooling_operator():
     values, vectors = np.linalg.eigh(dense_operator(graph_sets))
     values, vectors = values[::-1], vectors[:, ::-1]
     assert values[k - 1] - values[k] > 0.02
-    u = solve_exact(graph_sets, SolverParams(channels=k)).x.reshape(k, -1).T
+    u = solve_exact(graph_sets, SolverParams(channels=k))[0].reshape(k, -1).T
     assert min_cos2(u, vectors[:, :k]) > 0.999
 
 
@@ -240,10 +248,9 @@ def test_attention_of_planted_layers_is_block_structured(planted_graphs):
 
 def test_solve_exact_leading_components_contain_the_partition(planted_graphs):
     # more channels than regions: the leading 3 components (not just any 3) must hold the indicators
-    solution = solve_exact(planted_graphs, SolverParams(channels=6))
-    leading = solution.x_ortho.reshape(6, -1)[:3].T
-    assert min_cos2(leading, indicators(REGIONS)) > 0.95
-    labels = kmeans_labels(solution.x_ortho[:3], 3)
+    u, _ = solve_exact(planted_graphs, SolverParams(channels=6))
+    assert min_cos2(u.reshape(6, -1)[:3].T, indicators(REGIONS)) > 0.95
+    labels = kmeans_labels(u[:3], 3)
     assert matched_miou(labels, REGIONS) > 0.9
 
 
@@ -265,3 +272,59 @@ def test_solve_adam_is_deterministic_for_a_seed(planted_graphs):
     np.testing.assert_array_equal(runs[0].x, runs[1].x)
     np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
     assert not np.array_equal(runs[0].x, runs[2].x)
+
+
+def test_solve_adam_with_the_conv_net_parameterisation_recovers_the_partition(planted_graphs):
+    params = SolverParams(channels=4, steps=150, lr=1e-2, seed=0, parameterisation="convnet")
+    solution = solve_adam(planted_graphs, params)
+    np.testing.assert_allclose(solution.x.sum(0), 1.0, rtol=1e-5)
+    assert solution.losses[-1] < 0.5 * solution.losses[0]
+    assert matched_miou(kmeans_labels(solution.x_ortho, 3), REGIONS) > 0.9
+
+
+def test_warm_start_from_the_exact_solver_begins_near_the_solution(planted_graphs):
+    u, _ = solve_exact(planted_graphs, SolverParams(channels=4))
+    cold = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2))
+    warm = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2, init="exact"), init=u)
+    assert warm.losses[0] < cold.losses[0]
+    assert matched_miou(kmeans_labels(warm.x_ortho, 3), REGIONS) > 0.9
+
+
+def test_attention_buffer_keeps_at_most_its_size_and_reuses_sets():
+    built = []
+
+    def builder(index):
+        def build():
+            built.append(index)
+            return [GraphSet((1, 1), torch.ones(1, 1, 1), [f"t{index}"])]
+        return build
+
+    buffer = AttentionBuffer([builder(i) for i in range(10)], size=3, refresh=0.25, seed=0)
+    drawn = [buffer.draw()[0].names[0] for _ in range(400)]
+    assert len(buffer.sets) <= 3
+    assert 0.15 < len(built) / 400 < 0.35  # new sets about a quarter of the time (a set already held is reused)
+    assert len(set(drawn)) > 3
+    again = AttentionBuffer([builder(i) for i in range(10)], size=3, refresh=0.25, seed=0)
+    assert [again.draw()[0].names[0] for _ in range(400)] == drawn  # deterministic for a seed
+    single = AttentionBuffer([builder(0)], refresh=1.0)
+    assert all(single.draw() is single.draw() for _ in range(5))
+
+
+def test_read_layer_sets_splits_timesteps_into_attention_sets(tmp_path):
+    import zarr
+
+    from stages.solve import read_layer_sets
+
+    rng = np.random.default_rng(9)
+    item = zarr.open_group(tmp_path / "item.zarr", mode="w")
+    for name, timesteps in (("down", True), ("up", True)):
+        group = item.create_group(f"layers/{name}")
+        group.attrs.update({"scale": 0.5, "timesteps": [101, 41, 7]})
+        for part in ("q", "k", "v"):
+            group.create_array(part, data=rng.normal(size=(3, 2, 4, 4, 5)).astype(np.float16))
+    sets = read_layer_sets(item)
+    assert [[layer.name for layer in layers] for layers in sets] == [
+        ["down@t101", "up@t101"], ["down@t41", "up@t41"], ["down@t7", "up@t7"]
+    ]
+    np.testing.assert_array_equal(sets[1][0].q, item["layers/down/q"][1])
+    assert sets[2][1].q.shape == (2, 4, 4, 5) and sets[0][0].scale == 0.5

@@ -1,0 +1,174 @@
+"""Affinity graphs from one image's attention layers (METHOD.md section 1).
+
+Each head of each layer defines a graph over the layer's tokens:
+
+- ``kq`` ("where"): logits Q Kᵀ · scale;
+- ``vv`` ("what"): cosine similarity of the value vectors.
+
+and one of two normalisations:
+
+- ``random-walk`` (default): kq -> softmax over keys (the attention itself); vv -> negative similarities
+  clipped to 0, then rows normalised to sum to 1. The target eigenvalue is 1.
+- ``laplacian`` (the reference code's option): W = exp(logits) symmetrised, N = D^-1/2 W D^-1/2 with
+  D the degrees; features are scaled by sqrt(D) before each graph sees them. N's top eigenvalue is 1,
+  i.e. eigenvalue 0 of the symmetric normalised Laplacian I - N.
+
+Graphs are produced in row blocks, so a caller can hold a whole graph (``graph_sets``), only the sum
+over graphs (the exact solver), or never more than one block (``apply_symmetrised``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import LdsError
+from pipeline.extract import LayerAttention
+from pipeline.solver_params import GraphOptions
+
+BLOCK_ELEMENTS = 1 << 24  # entries of one row block over all heads (64 MiB in float32)
+
+
+@dataclass
+class GraphSet:
+    """Graphs that share one resolution: ``matrices`` is (graphs, N, N), N = h * w.
+
+    ``scale`` (graphs, N) is sqrt(degree) for the laplacian variant, by which features are multiplied
+    before they meet the graph; None for random-walk graphs.
+    """
+
+    grid: tuple[int, int]
+    matrices: torch.Tensor
+    names: list[str]
+    scale: torch.Tensor | None = None
+
+
+def select(layers: list[LayerAttention], options: GraphOptions) -> list[LayerAttention]:
+    """The layers (by name or index) and heads (by index) that ``options`` asks for."""
+    chosen = layers
+    if options.layers:
+        by_name = {layer.name: layer for layer in layers}
+        chosen = []
+        for wanted in options.layers:
+            if wanted in by_name:
+                chosen.append(by_name[wanted])
+            elif wanted.lstrip("-").isdigit() and -len(layers) <= int(wanted) < len(layers):
+                chosen.append(layers[int(wanted)])
+            else:
+                raise LdsError(f"layer {wanted!r} is not stored; stored layers: {', '.join(by_name)}")
+    if options.heads:
+        available = min(layer.q.shape[0] for layer in chosen)
+        bad = [h for h in options.heads if not 0 <= h < available]
+        if bad:
+            raise LdsError(f"head {bad[0]} does not exist; the selected layers have {available} heads")
+        chosen = [
+            LayerAttention(layer.name, layer.q[list(options.heads)], layer.k[list(options.heads)],
+                           layer.v[list(options.heads)], layer.scale)
+            for layer in chosen
+        ]
+    return chosen
+
+
+def head_names(layer: LayerAttention, options: GraphOptions) -> list[str]:
+    heads = options.heads or range(layer.q.shape[0])
+    return [f"{layer.name}/head{h}" for h in heads]
+
+
+def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu"
+               ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+    """(rows, block (heads, rows, N), sqrt-degree (heads, N) or None) covering every row of the graphs."""
+    heads = layer.q.shape[0]
+    size = layer.grid[0] * layer.grid[1]
+    rows_per_block = max(1, BLOCK_ELEMENTS // (heads * size))
+    left, right = _operands(layer, options.kind, device)
+    if options.variant == "random-walk":
+        for start in range(0, size, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, size))
+            yield rows, _random_walk_block(left[:, rows] @ right.transpose(1, 2), options.kind), None
+        return
+    # laplacian: W = exp(logits - c), symmetrised; a constant c cancels in D^-1/2 W D^-1/2
+    shift = _max_logit(left, right, rows_per_block)
+    degree = torch.zeros(heads, size, dtype=left.dtype, device=device)
+    for start in range(0, size, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, size))
+        degree[:, rows] = _exp_block(left, right, rows, shift).sum(-1)
+    root = degree.sqrt()
+    for start in range(0, size, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, size))
+        yield rows, _exp_block(left, right, rows, shift) / (root[:, rows, None] * root[:, None, :]), root
+
+
+def graph_sets(layers: list[LayerAttention], options: GraphOptions, device: str = "cpu") -> list[GraphSet]:
+    """Every selected head of every selected layer as a dense graph, grouped by resolution."""
+    by_grid: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] = {}
+    for layer in select(layers, options):
+        blocks: list[torch.Tensor] = []
+        for _, block, scale in row_blocks(layer, options, device):
+            blocks.append(block)
+        matrices, scales, names = by_grid.setdefault(layer.grid, ([], [], []))
+        matrices.append(torch.cat(blocks, dim=1))
+        if scale is not None:
+            scales.append(scale)
+        names += head_names(layer, options)
+    return [
+        GraphSet(grid, torch.cat(m), names, torch.cat(s) if s else None)
+        for grid, (m, s, names) in by_grid.items()
+    ]
+
+
+def summed_symmetrised(layer: LayerAttention, options: GraphOptions, device: str = "cpu") -> torch.Tensor:
+    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, built one row block at a time."""
+    size = layer.grid[0] * layer.grid[1]
+    total = torch.zeros(size, size, dtype=torch.float64, device=device)
+    for rows, block, _ in row_blocks(layer, options, device):
+        summed = block.sum(0).double()
+        total[rows] += summed / 2
+        total[:, rows] += summed.T / 2
+    return total
+
+
+def apply_symmetrised(layer: LayerAttention, options: GraphOptions, vectors: torch.Tensor) -> torch.Tensor:
+    """Σ over heads of (A + Aᵀ) / 2 applied to ``vectors`` (N, k), never holding more than a row block."""
+    out = torch.zeros_like(vectors)
+    for rows, block, _ in row_blocks(layer, options, str(vectors.device)):
+        summed = block.sum(0).to(vectors.dtype)
+        out[rows] += summed @ vectors / 2
+        out += summed.T @ vectors[rows] / 2
+    return out
+
+
+def _operands(layer: LayerAttention, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with graph logits = left @ rightᵀ, each (heads, N, dim) float32."""
+    def tokens(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(array, dtype=np.float32)).flatten(1, 2).to(device)
+
+    if kind == "kq":
+        return tokens(layer.q) * layer.scale, tokens(layer.k)
+    values = torch.nn.functional.normalize(tokens(layer.v), dim=-1)
+    return values, values
+
+
+def _random_walk_block(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "kq":
+        return torch.softmax(logits, dim=-1)
+    weights = logits.clamp_min(0)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _max_logit(left: torch.Tensor, right: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+    """Per head, the largest logit in either direction (exp(W) symmetrised needs both)."""
+    shift = torch.full((left.shape[0], 1, 1), -torch.inf, device=left.device)
+    for start in range(0, left.shape[1], rows_per_block):
+        block = left[:, start : start + rows_per_block] @ right.transpose(1, 2)
+        shift = torch.maximum(shift, block.amax(dim=(1, 2), keepdim=True))
+    return shift
+
+
+def _exp_block(left: torch.Tensor, right: torch.Tensor, rows: slice, shift: torch.Tensor) -> torch.Tensor:
+    """Rows of W = (exp(L - c) + exp(L - c)ᵀ) / 2 for L = left @ rightᵀ."""
+    forward = torch.exp(left[:, rows] @ right.transpose(1, 2) - shift)
+    backward = torch.exp(right[:, rows] @ left.transpose(1, 2) - shift)
+    return (forward + backward) / 2
