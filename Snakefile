@@ -17,6 +17,12 @@ RESULTS = config["results"]
 LDS = f'"{sys.executable}" -m stages'
 RUN = RESULTS + "/{dataset}/{model}"
 SHARD = RUN + "/shard-{shard}"
+DECODE = config["decode"]
+
+wildcard_constraints:
+    dataset="[^/]+",
+    model="[^/]+",
+    shard="[0-9]+",
 
 SHARDS = {
     name: num_shards(len(list_images(d["spec"])), d["images_per_shard"])
@@ -24,18 +30,31 @@ SHARDS = {
 }
 
 
-def shard_manifests(wildcards):
+def shard_manifests(wildcards, stage="decode"):
     count = SHARDS[wildcards.dataset]
-    return expand(SHARD + "/decode.json", shard=range(count), allow_missing=True)
+    return expand(SHARD + f"/{stage}.json", shard=range(count), allow_missing=True)
+
+
+def evaluate_inputs(wildcards):
+    """Every shard's decode manifest, and the dataset-level clusters when the config asks for them."""
+    inputs = {"decode": shard_manifests(wildcards)}
+    if DECODE.get("dataset_clusters"):
+        inputs["semantic"] = expand(RUN + "/cluster.json", **wildcards)
+    return inputs
+
+
+RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=config["models"])
+REPORT = [RESULTS + f"/{name}" for name in ("index.html", "metrics.json", "metrics.csv", "metrics.md")]
 
 
 rule all:
     input:
-        expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=config["models"]),
+        RUNS,
+        REPORT,
 
 
 onsuccess:
-    print(f"lds: results under {os.path.abspath(RESULTS)}: metrics.json and figures/ per dataset and model")
+    print(f"lds: open {os.path.abspath(RESULTS)}/index.html: metrics (metrics.md, .csv, .json) and figures per dataset and model")
 
 
 rule preprocess:
@@ -45,7 +64,7 @@ rule preprocess:
         spec=lambda w: config["datasets"][w.dataset]["spec"],
         per=lambda w: config["datasets"][w.dataset]["images_per_shard"],
         size=lambda w: config["preprocess"]["size"] or get_spec(w.model).image_size,
-        mode=config["preprocess"]["mode"],
+        mode=lambda w: get_spec(w.model).preprocess_mode or config["preprocess"]["mode"],
         multiple=lambda w: get_spec(w.model).patch_size,
     shell:
         "{LDS} preprocess --dataset {params.spec:q} --shard {wildcards.shard} --shard-size {params.per}"
@@ -71,6 +90,7 @@ rule solve:
         **config["solve"],
     shell:
         "{LDS} solve --input {input:q} --solver {params.solver} --channels {params.channels}"
+        " --graph {params.graph} --variant {params.variant} --parameterisation {params.parameterisation}"
         " --steps {params.steps} --lr {params.lr} --seed {params.seed} --store {STORE:q} --manifest {output:q}"
 
 
@@ -78,22 +98,51 @@ rule decode:
     input:
         SHARD + "/solve.json",
     output:
-        SHARD + "/decode.json",
+        manifest=SHARD + "/decode.json",
+        **({"proposals": SHARD + "/instances.json"} if DECODE.get("instances") else {}),
     params:
-        **config["decode"],
+        clusters=DECODE["clusters"],
+        seed=DECODE["seed"],
+        instances=lambda w, output: f"--instances --coco-results '{output.proposals}'" if DECODE.get("instances") else "--no-instances",
         figures=RUN + "/figures",
     shell:
-        "{LDS} decode --input {input:q} --clusters {params.clusters} --seed {params.seed}"
-        " --figures {params.figures:q} --store {STORE:q} --manifest {output:q}"
+        "{LDS} decode --input {input:q} --clusters {params.clusters} --seed {params.seed} {params.instances}"
+        " --figures {params.figures:q} --store {STORE:q} --manifest {output.manifest:q}"
+
+
+rule cluster:
+    input:
+        lambda w: shard_manifests(w, "solve"),
+    output:
+        RUN + "/cluster.json",
+    params:
+        inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input),
+        clusters=DECODE.get("dataset_clusters"),
+        seed=DECODE["seed"],
+    shell:
+        "{LDS} cluster {params.inputs} --clusters {params.clusters} --seed {params.seed} --store {STORE:q} --manifest {output:q}"
 
 
 rule evaluate:
     input:
-        shard_manifests,
+        unpack(evaluate_inputs),
     output:
         manifest=RUN + "/evaluate.json",
         metrics=RUN + "/metrics.json",
+        sheet=RUN + "/figures/contact-sheet.png",
     params:
-        inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input),
+        inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input.decode),
+        semantic=lambda w, input: f"--semantic '{input.semantic}'" if "semantic" in input.keys() else "",
+        figures=RUN + "/figures",
     shell:
-        "{LDS} evaluate {params.inputs} --metrics {output.metrics:q} --store {STORE:q} --manifest {output.manifest:q}"
+        "{LDS} evaluate {params.inputs} {params.semantic} --metrics {output.metrics:q} --figures {params.figures:q}"
+        " --store {STORE:q} --manifest {output.manifest:q}"
+
+
+rule report:
+    input:
+        RUNS,
+    output:
+        REPORT,
+    shell:
+        "{LDS} report {input:q} --results {RESULTS:q}"

@@ -1,9 +1,27 @@
-"""Decoding pseudo-eigenvectors into regions (METHOD.md section 5)."""
+"""Decoding pseudo-eigenvectors into regions (METHOD.md section 5): K-Means per image or across a
+dataset, with K given or chosen by silhouette."""
 
 from __future__ import annotations
 
+from typing import Callable, Iterable, Iterator
+
 import numpy as np
 from PIL import Image
+
+AUTO_KS = tuple(range(2, 11))  # the K tried by auto-K (METHOD.md section 5)
+
+
+def one_thread():
+    """A context limiting OpenMP and BLAS to one thread: per-image clustering is small, and the spinning
+    threads of several processes sharing few cores slow it down a hundredfold."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def token_features(x: np.ndarray) -> np.ndarray:
+    """(component, y, x) -> (y * x, component): one row per token."""
+    return x.reshape(x.shape[0], -1).T
 
 
 def kmeans_labels(x_ortho: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
@@ -11,13 +29,85 @@ def kmeans_labels(x_ortho: np.ndarray, clusters: int, seed: int = 0) -> np.ndarr
     from sklearn.cluster import KMeans
 
     components, height, width = x_ortho.shape
-    features = x_ortho.reshape(components, -1).T
+    features = token_features(x_ortho)
     clusters = min(clusters, features.shape[0])
-    labels = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit_predict(features)
+    with one_thread():
+        labels = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit_predict(features)
     return labels.reshape(height, width).astype(np.int32)
+
+
+def best_k(features: np.ndarray, ks: Iterable[int] = AUTO_KS, seed: int = 0) -> tuple[int, dict[int, float]]:
+    """The K of K-Means with the highest silhouette score on ``features`` (tokens, dims), and every
+    K's score. Ks above the number of distinct tokens (or not below the number of tokens) are skipped."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    distinct = len(np.unique(features, axis=0))
+    scores = {}
+    with one_thread():
+        for k in ks:
+            if k > distinct or k >= len(features):
+                break
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
+            scores[k] = float(silhouette_score(features, labels))
+    if not scores:
+        return 1, {}
+    return max(scores, key=scores.get), scores
+
+
+def kmeans_auto(x_ortho: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Per-image K-Means with K = 2..10 chosen by silhouette -> labels (y, x) and the K chosen."""
+    k, _ = best_k(token_features(x_ortho), seed=seed)
+    if k == 1:
+        return np.zeros(x_ortho.shape[1:], dtype=np.int32), 1
+    return kmeans_labels(x_ortho, k, seed), k
 
 
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Token labels (y, x) -> pixel labels of ``size`` = (height, width), nearest neighbour."""
     image = Image.fromarray(labels.astype(np.int32), mode="I")
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------- dataset level
+
+
+def dataset_projection(images: Iterable[np.ndarray], components: int) -> np.ndarray:
+    """The low-rank SVD of all images' stacked token features (rows = tokens of every image), from their
+    Gram matrix accumulated one image at a time: returns V (dims, components) so that the features
+    times V are the first ``components`` columns of U S."""
+    gram = None
+    for x in images:
+        rows = token_features(x).astype(np.float64)
+        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    order = np.argsort(eigenvalues)[::-1][:components]
+    return vectors[:, order]
+
+
+def fit_dataset_kmeans(
+    batches: Callable[[], Iterator[np.ndarray]], clusters: int, seed: int = 0, epochs: int = 3
+):
+    """MiniBatchKMeans over every token of a dataset, streamed: ``batches()`` yields (tokens, dims)
+    arrays (a few images each) and is called once per epoch."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    model = MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, batch_size=4096)
+    for _ in range(epochs):
+        for batch in batches():
+            model.partial_fit(batch)
+    return model
+
+
+def batched_rows(arrays: Iterable[np.ndarray], minimum: int) -> Iterator[np.ndarray]:
+    """Row blocks concatenated until each holds at least ``minimum`` rows (the last may hold fewer)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for rows in arrays:
+        pending.append(rows)
+        count += len(rows)
+        if count >= minimum:
+            yield np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield np.concatenate(pending)

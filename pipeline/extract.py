@@ -10,17 +10,19 @@ import torch
 
 @dataclass
 class LayerAttention:
-    """One attention layer's patch tokens: arrays are (head, y, x, dim)."""
+    """One attention layer's patch tokens: arrays are (head, y, x, dim), or (timestep, head, y, x, dim)
+    for Stable Diffusion, where ``timesteps`` names the diffusion timestep of each leading index."""
 
     name: str
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     scale: float
+    timesteps: tuple[int, ...] | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.q.shape[1], self.q.shape[2]
+        return self.q.shape[-3], self.q.shape[-2]
 
 
 def image_tensor(rgb: np.ndarray, mean, std) -> torch.Tensor:
@@ -67,3 +69,22 @@ def extract_attention(model: torch.nn.Module, image: torch.Tensor, patch_size: i
         q, k, v = (t[0, :, prefix:].reshape(t.shape[1], grid_h, grid_w, -1).numpy() for t in captured[name])
         layers.append(LayerAttention(name, q, k, v, float(module.scale)))
     return layers
+
+
+def coarse_layers(layers: list[LayerAttention], max_resolution: int) -> list[LayerAttention]:
+    """Dataset mode: only the layers whose grid is ``max_resolution`` or coarser on both sides."""
+    return [layer for layer in layers if max(layer.grid) <= max_resolution]
+
+
+def concat_heads(layer: LayerAttention) -> LayerAttention:
+    """Dataset mode: the heads of a layer joined into one vector per token, kept as a single head.
+
+    (..., head, y, x, dim) -> (..., 1, y, x, head * dim), head-major: the order of the projection's
+    own output before it is split into heads. ``scale`` stays the per-head scale of the model.
+    """
+
+    def joined(a: np.ndarray) -> np.ndarray:
+        moved = np.moveaxis(a, -4, -2)  # (..., y, x, head, dim)
+        return np.expand_dims(moved.reshape(*moved.shape[:-2], -1), -4)
+
+    return LayerAttention(layer.name, joined(layer.q), joined(layer.k), joined(layer.v), layer.scale, layer.timesteps)

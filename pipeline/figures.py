@@ -1,44 +1,135 @@
-"""Figures a person can open: the image, its eigenvectors as RGB, and the segmentation."""
+"""Figures a person can open: the image, its eigenvectors as RGB, PCA of X, the semantic map, object
+proposals, and a contact sheet per dataset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+TOP_PROPOSALS = 8  # proposals drawn on a figure (best first)
 
-def eigenvectors_rgb(x_ortho: np.ndarray, first: int = 1) -> np.ndarray:
-    """Three components (from ``first``) rescaled to [0, 1] as an RGB image (y, x, 3)."""
-    rgb = np.moveaxis(x_ortho[first : first + 3], 0, -1).astype(np.float64)
+
+@dataclass(frozen=True)
+class ImageView:
+    """What the figures show of one image, at the preprocessed image's size."""
+
+    item: str
+    rgb: np.ndarray  # (y, x, 3) uint8
+    semantic: np.ndarray  # (y, x) region per pixel
+    proposals: np.ndarray | None = None  # (n, y, x) bool, best first
+    scores: np.ndarray | None = None  # (n,)
+
+
+def rescale_rgb(channels: np.ndarray) -> np.ndarray:
+    """(y, x, <=3) -> (y, x, 3) in [0, 1], each channel min-max scaled (missing channels black)."""
+    rgb = channels.astype(np.float64)
     if rgb.shape[-1] < 3:
         rgb = np.concatenate([rgb, np.zeros((*rgb.shape[:2], 3 - rgb.shape[-1]))], axis=-1)
     low, high = rgb.min(axis=(0, 1)), rgb.max(axis=(0, 1))
     return (rgb - low) / np.where(high > low, high - low, 1)
 
 
-def save_segmentation_figure(
-    path: Path, rgb: np.ndarray, x_ortho: np.ndarray, labels: np.ndarray, title: str
-) -> None:
-    """A PNG with three panels: the input, eigenvectors 1-3 as RGB, and the segmentation overlay."""
+def eigenvectors_rgb(x_ortho: np.ndarray, first: int = 1) -> np.ndarray:
+    """Three components (from ``first``) rescaled to [0, 1] as an RGB image (y, x, 3)."""
+    return rescale_rgb(np.moveaxis(x_ortho[first : first + 3], 0, -1))
+
+
+def pca_rgb(x: np.ndarray) -> np.ndarray:
+    """The first three principal components of X's tokens (channel, y, x) as an RGB image (y, x, 3)."""
+    channels, height, width = x.shape
+    tokens = x.reshape(channels, -1).T.astype(np.float64)
+    tokens -= tokens.mean(0)
+    _, _, vt = np.linalg.svd(tokens, full_matrices=False)
+    return rescale_rgb((tokens @ vt[:3].T).reshape(height, width, -1))
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    axes[0].imshow(rgb)
-    axes[0].set_title("input")
-    axes[1].imshow(eigenvectors_rgb(x_ortho), interpolation="nearest", extent=(0, rgb.shape[1], rgb.shape[0], 0))
-    axes[1].set_title("eigenvectors 1-3 as RGB")
-    axes[2].imshow(rgb)
-    axes[2].imshow(labels, cmap="tab20", alpha=0.55, interpolation="nearest")
-    axes[2].set_title(f"segmentation ({len(np.unique(labels))} regions)")
-    for axis in axes:
-        axis.axis("off")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    return plt
+
+
+def show_semantic(axis, view: ImageView) -> None:
+    axis.imshow(view.rgb)
+    axis.imshow(view.semantic, cmap="tab20", alpha=0.55, interpolation="nearest")
+
+
+def show_proposals(axis, view: ImageView, top: int = TOP_PROPOSALS) -> None:
+    """The best proposals as coloured masks with their boxes and scores."""
+    from matplotlib.patches import Rectangle
+    from matplotlib import colormaps
+
+    axis.imshow(view.rgb)
+    colours = colormaps["tab10"]
+    overlay = np.zeros((*view.rgb.shape[:2], 4))
+    shown = list(zip(view.proposals, view.scores))[:top]
+    for rank, (mask, score) in reversed(list(enumerate(shown))):  # the best drawn last, on top
+        colour = colours(rank % 10)
+        overlay[mask] = (*colour[:3], 0.45)
+        ys, xs = np.nonzero(mask)
+        axis.add_patch(Rectangle((xs.min() - 0.5, ys.min() - 0.5), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1, fill=False, edgecolor=colour, linewidth=1.5))
+        axis.text(xs.min(), ys.min(), f"{score:.2f}", color="white", fontsize=7, va="bottom", bbox={"facecolor": colour, "pad": 1, "linewidth": 0})
+    axis.imshow(overlay, interpolation="nearest")
+
+
+def save_png(figure, path: Path, dpi: int = 80) -> None:
+    """Write a matplotlib figure atomically (a half-written PNG never appears under its name)."""
+    plt = _plt()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=80)
+    figure.savefig(tmp, dpi=dpi)
     plt.close(figure)
     tmp.replace(path)
+
+
+def save_image_figure(path: Path, view: ImageView, x: np.ndarray, x_ortho: np.ndarray, title: str) -> None:
+    """One PNG per image: the input, eigenvectors 1-3, 4-6, ... as RGB, PCA of X, the semantic map
+    and the best proposals with boxes and scores."""
+    plt = _plt()
+    extent = (-0.5, view.rgb.shape[1] - 0.5, view.rgb.shape[0] - 0.5, -0.5)
+    panels = [("input", lambda axis: axis.imshow(view.rgb))]
+    for first in range(1, min(x_ortho.shape[0], 13), 3):
+        last = min(first + 2, x_ortho.shape[0] - 1)
+        panels.append((f"eigenvectors {first}-{last} as RGB", lambda axis, f=first: axis.imshow(eigenvectors_rgb(x_ortho, f), interpolation="nearest", extent=extent)))
+    panels.append(("PCA of X (3 components)", lambda axis: axis.imshow(pca_rgb(x), interpolation="nearest", extent=extent)))
+    panels.append((f"semantic map ({len(np.unique(view.semantic))} regions)", lambda axis: show_semantic(axis, view)))
+    if view.proposals is not None:
+        shown = min(len(view.proposals), TOP_PROPOSALS)
+        panels.append((f"proposals (best {shown} of {len(view.proposals)})", lambda axis: show_proposals(axis, view)))
+    columns = 4
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows * view.rgb.shape[0] / view.rgb.shape[1] + 0.6), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (name, draw) in zip(axes.ravel(), panels):
+        draw(axis)
+        axis.set_title(name, fontsize=9)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    save_png(figure, path)
+
+
+def save_contact_sheet(path: Path, views: list[ImageView], title: str, semantic_name: str) -> None:
+    """A grid with one row per image: the input, the semantic map and (when computed) the proposals."""
+    plt = _plt()
+    columns = 3 if any(v.proposals is not None for v in views) else 2
+    figure, axes = plt.subplots(len(views), columns, figsize=(2.6 * columns, 2.2 * len(views) + 0.5), squeeze=False)
+    for row, view in zip(axes, views):
+        for axis in row:
+            axis.axis("off")
+        row[0].imshow(view.rgb)
+        row[0].set_title(view.item, fontsize=7)
+        show_semantic(row[1], view)
+        if columns == 3 and view.proposals is not None:
+            show_proposals(row[2], view)
+    axes[0, 1].set_title(semantic_name, fontsize=7)
+    if columns == 3:
+        axes[0, 2].set_title("proposals, boxes and scores", fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    save_png(figure, path, dpi=72)

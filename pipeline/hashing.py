@@ -28,6 +28,17 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(path: str | Path) -> str:
+    """Hash of a file, or of a folder: every file's relative path and bytes, in sorted order."""
+    root = Path(path)
+    if root.is_file():
+        return sha256_file(root)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
 def artifact_key(stage: str, code_version: int | str, params: dict, inputs: Iterable[str]) -> str:
     """The key of a stage's output: a hash of the stage, its code version, parameters and input keys.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
@@ -14,10 +16,58 @@ def target_size(height: int, width: int, size: int, mode: str, multiple: int) ->
     return max(multiple, round(height * scale)), max(multiple, round(width * scale))
 
 
-def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    top = (array.shape[0] - height) // 2
-    left = (array.shape[1] - width) // 2
-    return array[top : top + height, left : left + width]
+@dataclass(frozen=True)
+class Geometry:
+    """How an image of size ``original`` became the preprocessed one: resized to ``resized``, then
+    cropped to ``size`` at (``top``, ``left``). Sizes are (height, width)."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    top: int
+    left: int
+    size: tuple[int, int]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {"original_size": list(self.original), "resized_size": list(self.resized),
+                "crop": [self.top, self.left, *self.size]}
+
+    @classmethod
+    def from_dict(cls, attrs: dict) -> "Geometry":
+        top, left, height, width = attrs["crop"]
+        return cls(tuple(attrs["original_size"]), tuple(attrs["resized_size"]), top, left, (height, width))
+
+
+def plan(height: int, width: int, size: int, mode: str = "short-side", multiple: int = 16) -> Geometry:
+    """The geometry of ``resize_image`` for an image of (height, width)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    resized_h, resized_w = target_size(height, width, size, mode, multiple)
+    if mode == "center-crop":
+        crop_h = crop_w = size - size % multiple
+    else:
+        crop_h, crop_w = resized_h - resized_h % multiple, resized_w - resized_w % multiple
+    return Geometry((height, width), (resized_h, resized_w), (resized_h - crop_h) // 2, (resized_w - crop_w) // 2, (crop_h, crop_w))
+
+
+def _crop(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    height, width = geometry.size
+    return array[geometry.top : geometry.top + height, geometry.left : geometry.left + width]
+
+
+def resize_nearest(values: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A label map or mask (y, x) resized with nearest neighbour and cropped like its image."""
+    image = Image.fromarray(values.astype(np.int32), mode="I")
+    resized = np.asarray(image.resize(geometry.resized[::-1], Image.Resampling.NEAREST))
+    return _crop(resized, geometry).astype(values.dtype)
+
+
+def to_original(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A preprocessed-image mask back on the original image (nearest); pixels cropped away are False."""
+    canvas = np.zeros(geometry.resized, dtype=np.uint8)
+    height, width = geometry.size
+    canvas[geometry.top : geometry.top + height, geometry.left : geometry.left + width] = mask
+    original = Image.fromarray(canvas).resize(geometry.original[::-1], Image.Resampling.NEAREST)
+    return np.asarray(original).astype(bool)
 
 
 def resize_image(
@@ -29,19 +79,6 @@ def resize_image(
     multiples of ``multiple`` (the patch size). ``center-crop``: minor edge to ``size`` and a centre
     square crop (the dataset-level PiCIE / STEGO protocol).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    height, width = target_size(rgb.shape[0], rgb.shape[1], size, mode, multiple)
-    resized = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC))
-    resized_labels = None
-    if labels is not None:
-        label_image = Image.fromarray(labels.astype(np.int32), mode="I")
-        resized_labels = np.asarray(label_image.resize((width, height), Image.Resampling.NEAREST))
-    if mode == "center-crop":
-        crop_h = crop_w = size - size % multiple
-    else:
-        crop_h, crop_w = height - height % multiple, width - width % multiple
-    resized = _center_crop(resized, crop_h, crop_w)
-    if resized_labels is not None:
-        resized_labels = _center_crop(resized_labels, crop_h, crop_w).astype(np.int32)
-    return resized, resized_labels
+    geometry = plan(rgb.shape[0], rgb.shape[1], size, mode, multiple)
+    resized = _crop(np.asarray(Image.fromarray(rgb).resize(geometry.resized[::-1], Image.Resampling.BICUBIC)), geometry)
+    return resized, None if labels is None else resize_nearest(labels.astype(np.int32), geometry)

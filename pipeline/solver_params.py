@@ -32,7 +32,7 @@ class SolverParams:
     weight_eig: float = 2.0
     weight_ortho: float = 2.0
     seed: int = 0
-    parameterisation: str = "free"
+    parameterisation: str = "convnet"  # converges far faster than free features (benchmarks/bench_solver.py)
     init: str = "random"
     accumulate: int = 1  # passes per step, each drawing an attention set (timestep) from the buffer
     buffer: int = 5  # attention sets kept (Stable Diffusion timesteps)

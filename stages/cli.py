@@ -10,11 +10,15 @@ import click
 from pipeline.errors import LdsError
 from pipeline.store import ArtifactRef, Store, walk_arrays
 from stages.common import read_manifest, store_option
+from stages.bench import bench
+from stages.cluster import cluster
 from stages.decode import decode
 from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.preprocess import preprocess
+from stages.report import report
 from stages.solve import solve
+from stages.solve_dataset import solve_dataset
 
 
 class LdsGroup(click.Group):
@@ -68,11 +72,22 @@ def inspect(target, store_root):
     for name, array in walk_arrays(shown):
         dims = ",".join(array.metadata.dimension_names or ())
         click.echo(f"  {name:40s} {str(array.shape):22s} {str(array.dtype):8s} chunks={array.chunks} dims=({dims})")
-    if not items:
-        return
-    for name, sub in sorted(shown.groups()):
-        for layer, layer_group in sorted(sub.groups()) if name == "layers" else []:
-            click.echo(f"  layer {layer}: {dict(layer_group.attrs)}")
+    if items and "layers" in shown:
+        click.echo("layers (q, k, v alike):")
+        for layer, layer_group in sorted(shown["layers"].groups()):
+            click.echo(f"  {layer:20s} {layer_summary(layer_group)}")
+
+
+def layer_summary(layer_group) -> str:
+    """'resolution=28x28 heads=6 head_dim=64 scale=0.125 shape=(6, 28, 28, 64) dims=(head,y,x,dim) ...'."""
+    attrs = dict(layer_group.attrs)
+    q = layer_group["q"]
+    text = (
+        f"resolution={'x'.join(map(str, attrs.pop('resolution', [])))} heads={attrs.pop('heads', '?')} "
+        f"head_dim={attrs.pop('head_dim', '?')} scale={attrs.pop('scale', float('nan')):.4g} "
+        f"shape={q.shape} dims=({','.join(q.metadata.dimension_names or ())})"
+    )
+    return text + "".join(f" {key}={value}" for key, value in sorted(attrs.items()))
 
 
 @cli.command()
@@ -82,8 +97,14 @@ def models():
 
     for spec in REGISTRY.values():
         weights = "pretrained" if spec.pretrained else "random, NOT pretrained"
-        click.echo(f"{spec.name:16s} {spec.timm_name:36s} {weights:24s} {spec.description}")
-    click.echo("timm:<name>      any timm VisionTransformer, pretrained weights from the Hugging Face cache")
+        origin = spec.timm_name or spec.repo_id or "(built from config)"
+        click.echo(f"{spec.name:19s} {spec.family:9s} {origin:44s} {weights:24s} {spec.description}")
+    for pattern, what in [
+        ("timm:<name>", "any timm VisionTransformer"),
+        ("hf:<repo_id>", "a transformers ViTModel, CLIPVisionModel, Dinov2Model or ViTMAEModel"),
+        ("diffusers:<repo_id>", "a Stable Diffusion 1.x / 2.x pipeline (UNet self-attention)"),
+    ]:
+        click.echo(f"{pattern:19s} {what}, pretrained weights from the Hugging Face cache or hub")
 
 
 @cli.group()
@@ -154,7 +175,7 @@ def cache_gc(manifests, dry_run, store_root):
     click.echo(f"{len(keep)} kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
 
 
-for command in (preprocess, extract, solve, decode, evaluate):
+for command in (preprocess, extract, solve, solve_dataset, decode, cluster, evaluate, report, bench):
     cli.add_command(command)
 
 

@@ -17,7 +17,7 @@ from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 
 # Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 1, "extract": 1, "solve": 3, "decode": 1, "evaluate": 1}
+STAGE_VERSIONS = {"preprocess": 2, "extract": 1, "solve": 3, "solve-dataset": 1, "decode": 2, "cluster": 1, "evaluate": 2}
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 
@@ -59,7 +59,7 @@ def read_manifest(path: Path) -> ArtifactRef:
         raise LdsError(f"manifest {path} is not an lds manifest ({error})") from None
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
+def write_json_atomic(path: Path, record: dict | list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -79,10 +79,14 @@ def write_manifest(path: Path | None, store: Store, ref: ArtifactRef, params: di
     write_json_atomic(path, record)
 
 
+# Stages whose artifacts stand in for another stage's downstream (the same item layout).
+STANDS_IN_FOR = {"solve-dataset": "solve"}
+
+
 def upstream(store: Store, ref: ArtifactRef, stage: str) -> ArtifactRef:
-    """The nearest ancestor of ``ref`` made by ``stage`` (following first inputs)."""
+    """The nearest ancestor of ``ref`` made by ``stage`` or a stage standing in for it (following first inputs)."""
     current = ref
-    while current.stage != stage:
+    while stage not in (current.stage, STANDS_IN_FOR.get(current.stage)):
         inputs = store.attrs(current).get("inputs", [])
         if not inputs:
             raise LdsError(f"artifact {ref.stage}/{ref.key} has no {stage} artifact among its inputs")

@@ -1,13 +1,15 @@
-"""`lds decode`: K-Means regions from X_ortho, per image, and figures to look at."""
+"""`lds decode`: K-Means regions from X_ortho per image, object proposals, and figures to look at."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import click
+import numpy as np
 
 from pipeline.store import ArraySpec, Store
-from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream
+from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream, write_json_atomic
 
 
 def model_caption(attrs: dict) -> str:
@@ -15,42 +17,99 @@ def model_caption(attrs: dict) -> str:
     return f"model {attrs.get('model', '?')} ({attrs.get('weights', 'unknown weights')})"
 
 
+class ClustersType(click.ParamType):
+    """K of K-Means: an integer >= 2, or 'auto' (K = 2..10 chosen by silhouette)."""
+
+    name = "K|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        if str(value).isdigit() and int(value) >= 2:
+            return int(value)
+        self.fail(f"{value!r} is neither an integer >= 2 nor 'auto'", param, ctx)
+
+
+def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Token masks (n, y, x) -> masks (n, height, width) at the preprocessed image size (nearest)."""
+    from pipeline.decode import upsample_labels
+
+    return np.stack([upsample_labels(m, size).astype(bool) for m in token_masks]) if len(token_masks) else np.zeros((0, *size), bool)
+
+
 @click.command()
 @input_option
-@click.option("--clusters", type=click.IntRange(2), default=6, show_default=True, help="K of K-Means per image.")
+@click.option("--clusters", type=ClustersType(), default=6, show_default=True, help="K of K-Means per image, or 'auto' (2..10 by silhouette).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--instances/--no-instances", default=False, show_default=True, help="Also compute object proposals (METHOD.md section 5).")
+@click.option("--coco-results", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the proposals as a COCO results json (original image coordinates, COCO image ids) here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one PNG per image here.")
 @store_option
 @manifest_option
-def decode(input_manifest, clusters, seed, figures, store_root, manifest):
-    """Cluster each image's tokens into regions; store token and pixel label maps."""
-    from pipeline.decode import kmeans_labels, upsample_labels
+def decode(input_manifest, clusters, seed, instances, coco_results, figures, store_root, manifest):
+    """Cluster each image's tokens into regions (and propose objects); store token and pixel maps."""
+    from pipeline.decode import kmeans_auto, kmeans_labels, upsample_labels
+    from pipeline.instances import ProposalParams, propose
 
+    if coco_results is not None and not instances:
+        raise click.UsageError("--coco-results needs --instances")
     store = Store(store_root)
     source = read_manifest(input_manifest)
     solved = store.open(source)["items"]
     images = store.open(upstream(store, source, "preprocess"))["items"]
-    params = {"method": "kmeans", "clusters": clusters, "seed": seed}
+    proposal_params = ProposalParams(seed=seed)
+    params = {"method": "kmeans", "clusters": clusters, "seed": seed, "instances": asdict(proposal_params) if instances else None}
 
     def compute(item: str):
-        tokens = kmeans_labels(solved[item]["X_ortho"][...], clusters, seed)
-        pixels = upsample_labels(tokens, images[item]["rgb"].shape[:2])
+        x_ortho = solved[item]["X_ortho"][...]
+        if clusters == "auto":
+            tokens, k = kmeans_auto(x_ortho, seed)
+        else:
+            tokens, k = kmeans_labels(x_ortho, clusters, seed), clusters
+        size = images[item]["rgb"].shape[:2]
         arrays = {
             "labels_tokens": ArraySpec(tokens, ("y", "x"), {"description": "region per token"}),
-            "labels": ArraySpec(pixels, ("y", "x"), {"description": "region per pixel of the preprocessed image"}),
+            "labels": ArraySpec(upsample_labels(tokens, size), ("y", "x"), {"description": "region per pixel of the preprocessed image"}),
         }
-        return arrays, {}, {}
+        if instances:
+            masks, scores = propose(x_ortho, proposal_params)
+            chunks = (max(len(masks), 1), *masks.shape[1:])
+            arrays["proposals"] = ArraySpec(masks, ("proposal", "y", "x"), {"description": "object proposals per token, best first"}, chunks=chunks)
+            arrays["proposal_scores"] = ArraySpec(scores, ("proposal",), {"description": "balanced silhouette score per proposal"}, chunks=chunks[:1])
+        return arrays, {"clusters": k}, {}
 
     model_attrs = provenance(store, source)
     items = list(store.attrs(source)["items"])
     ref = run_stage(store, "decode", params, [source.key], [source], items, compute, model_attrs, manifest)
+    decoded = store.open(ref)["items"]
+    if coco_results is not None:
+        write_json_atomic(coco_results, original_coco_results(decoded, images, items))
+        click.echo(f"proposals: {coco_results}", err=True)
     if figures is not None:
-        from pipeline.figures import save_segmentation_figure
+        from pipeline.figures import ImageView, save_image_figure
 
-        decoded = store.open(ref)["items"]
         for item in items:
-            title = f"{item} | {model_caption(model_attrs)} | K-Means K={clusters}"
-            save_segmentation_figure(
-                figures / f"{item}.png", images[item]["rgb"][...], solved[item]["X_ortho"][...],
-                decoded[item]["labels"][...], title,
-            )
+            rgb = images[item]["rgb"][...]
+            k = decoded[item].attrs["clusters"]
+            proposals = scores = None
+            if "proposals" in decoded[item]:
+                proposals = pixel_masks(decoded[item]["proposals"][...], rgb.shape[:2])
+                scores = decoded[item]["proposal_scores"][...]
+            view = ImageView(item, rgb, decoded[item]["labels"][...], proposals, scores)
+            title = f"{item} | {model_caption(model_attrs)} | K-Means K={k}{' (auto)' if clusters == 'auto' else ''}"
+            save_image_figure(figures / f"{item}.png", view, solved[item]["X"][...], solved[item]["X_ortho"][...], title)
+
+
+def original_coco_results(decoded, images, items: list[str]) -> list[dict]:
+    """The stored proposals of ``items`` as COCO results on the original images (COCO image ids)."""
+    from pipeline.instances import coco_results
+    from pipeline.preprocess import Geometry, to_original
+
+    results = []
+    for item in items:
+        attrs = images[item].attrs
+        geometry = Geometry.from_dict(attrs)
+        masks = pixel_masks(decoded[item]["proposals"][...], geometry.size)
+        original = np.stack([to_original(m, geometry) for m in masks]) if len(masks) else np.zeros((0, *geometry.original), bool)
+        results += coco_results(original, decoded[item]["proposal_scores"][...], attrs["image_id"])
+    return results

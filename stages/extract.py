@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.hashing import sha256_file
+from pipeline.errors import LdsError
+from pipeline.hashing import sha256_tree
 from pipeline.models import get_spec
 from pipeline.store import ArraySpec, Store
 from stages.common import input_option, manifest_option, read_manifest, run_stage, store_option
@@ -17,19 +18,29 @@ DIMS = ("head", "y", "x", "dim")
 
 @click.command()
 @input_option
-@click.option("--model", "model_name", required=True, help="A registered model (see `lds models`) or timm:<name>.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Local state dict (.safetensors / .pth).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed of random models.")
+@click.option("--model", "model_name", required=True, help="A registered model (see `lds models`), timm:<name>, hf:<repo_id> or diffusers:<repo_id>.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights: a state dict (.safetensors / .pth), a save_pretrained folder (transformers; diffusers layout for Stable Diffusion), or the .onnx of dinov2-s14-imgfocus.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed of random models; Stable Diffusion: also its timesteps and noise.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--timesteps", type=click.IntRange(1), default=5, show_default=True, help="Stable Diffusion: timesteps per image, each stored (a leading timestep axis).")
+@click.option("--max-timestep", type=click.IntRange(0, 999), default=250, show_default=True, help="Stable Diffusion: timesteps drawn uniformly from 0..this (dataset mode: 300).")
+@click.option("--max-resolution", type=click.IntRange(1), default=None, help="Dataset mode: keep only layers whose grid is this or coarser (32).")
+@click.option("--concat-heads", is_flag=True, help="Dataset mode: the heads of a layer concatenated into one vector per token (stored as one head).")
 @store_option
 @manifest_option
-def extract(input_manifest, model_name, weights, seed, dtype, store_root, manifest):
-    """Store Q, K, V (head, y, x, dim) of every attention layer of MODEL for each image."""
+def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_timestep, max_resolution, concat_heads, store_root, manifest):
+    """Store Q, K, V (head, y, x, dim) of every attention layer of MODEL for each image; for Stable
+    Diffusion (timestep, head, y, x, dim) of every UNet self-attention layer."""
     store = Store(store_root)
     source = read_manifest(input_manifest)
     spec = get_spec(model_name)
-    weights_hash = sha256_file(weights) if weights else None
-    params = {"model": model_name, "weights_sha256": weights_hash, "seed": None if spec.pretrained or weights else seed, "dtype": dtype}
+    diffusion = spec.family == "diffusers"
+    if weights is not None and not weights.exists():
+        raise LdsError(f"weights {weights} for model {model_name} do not exist; give a file or folder that does")
+    uses_seed = diffusion or not (spec.pretrained or weights)
+    params = {"model": model_name, "weights_sha256": sha256_tree(weights) if weights else None, "seed": seed if uses_seed else None, "dtype": dtype}
+    params |= {"timesteps": timesteps, "max_timestep": max_timestep} if diffusion else {}
+    params |= ({"max_resolution": max_resolution} if max_resolution else {}) | ({"concat_heads": True} if concat_heads else {})
     images = store.open(source)["items"]
     provenance = spec.provenance() | ({"weights": str(weights)} if weights else {})
 
@@ -37,21 +48,60 @@ def extract(input_manifest, model_name, weights, seed, dtype, store_root, manife
     def model():
         from pipeline.models.build import build_model
 
-        return build_model(spec, weights, seed)
+        return build_model(spec, weights, seed, cache_dir=store.root / "weights")
 
-    def compute(item: str):
+    def attention(item: str, rgb):
         from pipeline.extract import extract_attention, image_tensor
 
+        image = image_tensor(rgb, spec.mean, spec.std)
+        if diffusion:
+            import numpy as np
+
+            from pipeline.extract_diffusion import extract_attention_sd, item_generator, sample_timesteps
+
+            generator = item_generator(seed, item)
+            steps = sample_timesteps(timesteps, max_timestep, generator)
+            return extract_attention_sd(model(), image, steps, generator, np.dtype(dtype))
+        if spec.family == "hf":
+            from pipeline.extract_hf import extract_attention_hf
+
+            return extract_attention_hf(model(), image)
+        return extract_attention(model(), image, spec.patch_size)
+
+    def compute(item: str):
+        from pipeline.extract import coarse_layers, concat_heads as concatenated
+
         rgb = images[item]["rgb"][...]
-        layers = extract_attention(model(), image_tensor(rgb, spec.mean, spec.std), spec.patch_size)
+        layers = attention(item, rgb)
+        if max_resolution:
+            kept = coarse_layers(layers, max_resolution)
+            if not kept:
+                grids = sorted({"x".join(map(str, layer.grid)) for layer in layers})
+                raise LdsError(
+                    f"no attention layer of model {model_name} on image {item} is {max_resolution}x{max_resolution} "
+                    f"or coarser (its grids: {', '.join(grids)}); preprocess to a smaller --size or raise --max-resolution"
+                )
+            layers = kept
+        heads = {layer.name: layer.q.shape[-4] for layer in layers}
+        if concat_heads:
+            layers = [concatenated(layer) for layer in layers]
         arrays, group_attrs = {}, {}
         for layer in layers:
+            lead = ("timestep",) if layer.timesteps is not None else ()
+            chunks = (1, *layer.q.shape[1:]) if lead else None  # one timestep reads alone
             for name in ("q", "k", "v"):
-                data = getattr(layer, name).astype(dtype)
-                arrays[f"layers/{layer.name}/{name}"] = ArraySpec(data, DIMS, {"description": f"{name} per head"})
-            heads, h, w, dim = layer.q.shape
-            group_attrs[f"layers/{layer.name}"] = {"resolution": [h, w], "heads": heads, "head_dim": dim, "scale": layer.scale}
-        item_attrs = {"grid": list(layers[0].grid), "patch_size": spec.patch_size, "image_size": list(rgb.shape[:2])}
+                description = f"{name} per {'timestep and ' if lead else ''}head" + (" (heads concatenated)" if concat_heads else "")
+                data = getattr(layer, name).astype(dtype, copy=False)
+                arrays[f"layers/{layer.name}/{name}"] = ArraySpec(data, lead + DIMS, {"description": description}, chunks)
+            count, h, w, dim = layer.q.shape[-4:]
+            attrs = {"resolution": [h, w], "heads": count, "head_dim": dim, "scale": layer.scale}
+            attrs |= {"timesteps": list(layer.timesteps)} if lead else {}
+            attrs |= {"concatenated_heads": heads[layer.name]} if concat_heads else {}
+            group_attrs[f"layers/{layer.name}"] = attrs
+        finest = max((layer.grid for layer in layers), key=lambda g: g[0] * g[1])
+        pixels = rgb.shape[0] // finest[0]  # per token of the finest grid (a ViT's patch size)
+        item_attrs = {"grid": list(finest), "patch_size": pixels, "image_size": list(rgb.shape[:2])}
+        item_attrs |= {"timesteps": list(layers[0].timesteps)} if diffusion else {}
         return arrays, item_attrs, group_attrs
 
     run_stage(

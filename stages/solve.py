@@ -48,7 +48,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--heads", default=None, help="Comma-separated head indices (default: all).")
 @click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Adam steps.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--parameterisation", type=click.Choice(PARAMETERISATIONS), default="free", show_default=True, help="free: X's logits optimised directly; convnet: the reference code's conv net.")
+@click.option("--parameterisation", type=click.Choice(PARAMETERISATIONS), default="convnet", show_default=True, help="convnet: the reference code's conv net over a learned input; free: X's logits optimised directly.")
 @click.option("--init", type=click.Choice(INITS), default="random", show_default=True, help="exact: warm-start Adam from the exact solver's eigenvectors (free features only).")
 @click.option("--accumulate", type=click.IntRange(1), default=1, show_default=True, help="Passes per Adam step (the paper: 20), each drawing an attention set.")
 @click.option("--buffer", type=click.IntRange(1), default=5, show_default=True, help="Attention sets (timesteps) kept in the buffer.")

@@ -218,3 +218,20 @@ def test_solve_options_select_graphs_and_store_u(chain, tmp_path):
     assert bad.exit_code != 0 and "layer 'block09' is not stored" in bad.output
     refused = lds("solve", "--input", manifests["extract"], "--parameterisation", "convnet", "--init", "exact", "--store", store_root, expect_ok=False)
     assert refused.exit_code != 0 and "--init exact warm-starts free features only" in refused.output
+
+
+def test_bench_names_the_available_benchmarks():
+    result = lds("bench", "no-such-benchmark", expect_ok=False)
+    assert result.exit_code != 0
+    assert "no benchmark 'no-such-benchmark'" in result.output and "solver" in result.output
+
+
+def test_solve_draws_from_the_stored_stable_diffusion_timesteps(tmp_path):
+    common = ["--store", tmp_path / "store"]
+    lds("preprocess", "--dataset", "synthetic-shapes:1", "--size", 64, "--mode", "center-crop", "--multiple", 32, *common, "--manifest", tmp_path / "p.json")
+    lds("extract", "--input", tmp_path / "p.json", "--model", "tiny-sd", "--timesteps", 3, *common, "--manifest", tmp_path / "e.json")
+    lds("solve", "--input", tmp_path / "e.json", "--steps", 3, "--channels", 4, *common, "--manifest", tmp_path / "s.json")
+    item = Store(tmp_path / "store").open(ArtifactRef("solve", json.loads((tmp_path / "s.json").read_text())["key"]))["items/shapes-0000"]
+    assert item.attrs["attention_sets"] == 3
+    assert all("@t" in name for name in item.attrs["graphs"])
+    assert item["X"].shape[0] == 4 and item["losses"].shape == (3,)

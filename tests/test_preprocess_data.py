@@ -90,20 +90,25 @@ def test_synthetic_shapes_are_deterministic_and_labelled():
     assert [r.id for r in records] == ["shapes-0000", "shapes-0001", "shapes-0002"]
     again = list_images("synthetic-shapes:3")
     for a, b in zip(records, again):
-        rgb_a, labels_a = a.load()
-        rgb_b, labels_b = b.load()
-        np.testing.assert_array_equal(rgb_a, rgb_b)
-        np.testing.assert_array_equal(labels_a, labels_b)
+        sample_a, sample_b = a.load(), b.load()
+        rgb_a, labels_a = sample_a.rgb, sample_a.labels
+        np.testing.assert_array_equal(rgb_a, sample_b.rgb)
+        np.testing.assert_array_equal(labels_a, sample_b.labels)
         assert a.content_hash() == b.content_hash()
         assert rgb_a.shape == (96, 96, 3) and rgb_a.dtype == np.uint8
         assert labels_a.shape == (96, 96) and labels_a.dtype == np.int32
         assert set(np.unique(labels_a)) <= {0, 1, 2, 3} and len(np.unique(labels_a)) >= 2
+        # one object per visible shape, exactly where its label is
+        present = [c for c in (1, 2, 3) if np.any(labels_a == c)]
+        np.testing.assert_array_equal(sample_a.instances, np.stack([labels_a == c for c in present]))
+        assert sample_a.crowd.shape == (len(present),) and not sample_a.crowd.any()
     assert len({r.content_hash() for r in records}) == 3
     assert len(list_images("synthetic-shapes")) == 8
 
 
 def test_synthetic_shape_colours_follow_their_labels():
-    rgb, labels = SyntheticImage("x", 0).load()
+    sample = SyntheticImage("x", 0).load()
+    rgb, labels = sample.rgb, sample.labels
     red = (rgb[..., 0] > 150) & (rgb[..., 1] < 100) & (rgb[..., 2] < 100)
     assert np.mean(red[labels == 1]) > 0.95
     assert np.mean(red[labels != 1]) < 0.01
@@ -124,21 +129,42 @@ def test_folder_lists_images_sorted_and_loads_them(tmp_path):
     records = list_images(f"folder:{tmp_path}")
     assert [r.id for r in records] == ["a", "b"]
     assert all(isinstance(r, FileImage) for r in records)
-    rgb, labels = records[0].load()
-    assert labels is None
-    np.testing.assert_array_equal(rgb, a)
-    np.testing.assert_array_equal(records[1].load()[0], b)
+    sample = records[0].load()
+    assert sample.labels is None and sample.instances is None
+    np.testing.assert_array_equal(sample.rgb, a)
+    np.testing.assert_array_equal(records[1].load().rgb, b)
     assert records[0].content_hash() != records[1].content_hash()
 
 
 def test_grayscale_files_load_as_rgb_with_labels(tmp_path):
     Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), mode="L").save(tmp_path / "g.png")
     Image.fromarray(np.array([[0, 1, 2, 3]] * 3, dtype=np.uint8), mode="L").save(tmp_path / "g_labels.png")
-    rgb, labels = FileImage("g", tmp_path / "g.png", tmp_path / "g_labels.png").load()
+    record = FileImage("g", tmp_path / "g.png", tmp_path / "g_labels.png")
+    sample = record.load()
+    rgb, labels = sample.rgb, sample.labels
     assert rgb.shape == (3, 4, 3)
     np.testing.assert_array_equal(rgb[..., 1], np.arange(12).reshape(3, 4))
     np.testing.assert_array_equal(labels, [[0, 1, 2, 3]] * 3)
     assert labels.dtype == np.int32
+    # the label file is part of the content hash: changing it changes the preprocess key
+    before = record.content_hash()
+    Image.fromarray(np.array([[0, 1, 2, 4]] * 3, dtype=np.uint8), mode="L").save(tmp_path / "g_labels.png")
+    assert record.content_hash() != before
+
+
+def test_glob_recurses_and_names_items_by_their_path_below_the_pattern(tmp_path):
+    for name in ("a/x.png", "a/b/y.JPG", "c/x.png", "c/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("not an image")
+        else:
+            Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / name, format="PNG")
+    records = list_images(f"glob:{tmp_path}/**/*")
+    assert [r.id for r in records] == ["a_b_y", "a_x", "c_x"]
+    assert [r.path for r in records] == [tmp_path / "a/b/y.JPG", tmp_path / "a/x.png", tmp_path / "c/x.png"]
+    assert [r.id for r in list_images(f"glob:{tmp_path}/a/*.png")] == ["x"]
+    with pytest.raises(LdsError, match="matches no image files"):
+        list_images(f"glob:{tmp_path}/*.gif")
 
 
 def test_folder_errors(tmp_path):
@@ -183,8 +209,8 @@ def test_skimage_samples_are_listed_and_load_as_rgb():
     camera = records[-1]
     if not camera.path.is_file():
         pytest.skip("scikit-image sample files not installed")
-    rgb, labels = camera.load()  # a grayscale file
-    assert rgb.ndim == 3 and rgb.shape[2] == 3 and labels is None
+    sample = camera.load()  # a grayscale file
+    assert sample.rgb.ndim == 3 and sample.rgb.shape[2] == 3 and sample.labels is None
 
 
 def test_safe_id():

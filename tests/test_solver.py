@@ -255,7 +255,7 @@ def test_solve_exact_leading_components_contain_the_partition(planted_graphs):
 
 
 def test_solve_adam_recovers_the_partition(planted_graphs):
-    params = SolverParams(channels=4, steps=300, lr=1e-2, seed=0)
+    params = SolverParams(channels=4, steps=300, lr=1e-2, seed=0, parameterisation="free")
     solution = solve_adam(planted_graphs, params)
     assert solution.x.shape == (4, 8, 8) and solution.x_ortho.shape == (4, 8, 8)
     assert solution.x.min() >= 0
@@ -268,7 +268,7 @@ def test_solve_adam_recovers_the_partition(planted_graphs):
 
 
 def test_solve_adam_is_deterministic_for_a_seed(planted_graphs):
-    runs = [solve_adam(planted_graphs, SolverParams(channels=3, steps=40, lr=1e-2, seed=s)) for s in (7, 7, 8)]
+    runs = [solve_adam(planted_graphs, SolverParams(channels=3, steps=40, lr=1e-2, seed=s)) for s in (7, 7, 8)]  # conv net
     np.testing.assert_array_equal(runs[0].x, runs[1].x)
     np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
     assert not np.array_equal(runs[0].x, runs[2].x)
@@ -284,8 +284,8 @@ def test_solve_adam_with_the_conv_net_parameterisation_recovers_the_partition(pl
 
 def test_warm_start_from_the_exact_solver_begins_near_the_solution(planted_graphs):
     u, _ = solve_exact(planted_graphs, SolverParams(channels=4))
-    cold = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2))
-    warm = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2, init="exact"), init=u)
+    cold = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2, parameterisation="free"))
+    warm = solve_adam(planted_graphs, SolverParams(channels=4, steps=5, lr=1e-2, parameterisation="free", init="exact"), init=u)
     assert warm.losses[0] < cold.losses[0]
     assert matched_miou(kmeans_labels(warm.x_ortho, 3), REGIONS) > 0.9
 

@@ -18,7 +18,7 @@ CONFIG = {
     "models": ["tiny-vit"],
     "preprocess": {"mode": "short-side", "size": 96},
     "solve": {"solver": "adam", "channels": 6, "steps": 20, "lr": 0.003, "seed": 0},
-    "decode": {"clusters": 4, "seed": 0},
+    "decode": {"clusters": 4, "seed": 0, "instances": True, "dataset_clusters": 4},
 }
 
 
@@ -44,8 +44,25 @@ def test_full_run_produces_metrics_figures_and_shards(workdir):
     run_dir = workdir / "results" / "shapes" / "tiny-vit"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["pretrained"] is False
+    for key in ("semantic_miou", "oracle_miou", "matched_miou", "box_ap", "mask_ap50", "xy_regression_r2"):
+        assert 0 <= metrics[key] <= 1, key
     assert sorted(p.name for p in run_dir.glob("shard-*")) == ["shard-0", "shard-1"]
-    assert len(list((run_dir / "figures").glob("*.png"))) == 4
+    figures = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
+    assert figures == ["contact-sheet.png"] + [f"shapes-{i:04d}.png" for i in range(4)]
+    proposals = [r for shard in ("shard-0", "shard-1") for r in json.loads((run_dir / shard / "instances.json").read_text())]
+    assert proposals and {r["image_id"] for r in proposals} <= {0, 1, 2, 3}
+
+
+def test_full_run_writes_the_report_and_an_index_linking_the_figures(workdir):
+    results = workdir / "results"
+    runs = json.loads((results / "metrics.json").read_text())["runs"]
+    assert [(r["dataset"], r["model"]) for r in runs] == [("shapes", "tiny-vit")]
+    header, row = (results / "metrics.csv").read_text().splitlines()
+    assert header.startswith("dataset,model,pretrained") and row.startswith("shapes,tiny-vit,False")
+    assert "tiny-vit (NOT pretrained)" in (results / "metrics.md").read_text()
+    index = (results / "index.html").read_text()
+    for link in ("shapes/tiny-vit/figures/contact-sheet.png", "shapes/tiny-vit/figures/shapes-0003.png", "shapes/tiny-vit/shard-1/instances.json", "metrics.csv"):
+        assert f"'{link}'" in index and (results / link).is_file()
 
 
 def test_second_run_has_nothing_to_do(workdir):

@@ -1,98 +1,87 @@
-"""Datasets: named specs that list image records, each loadable and content-hashed.
+"""Datasets: named specs that list image records, each loadable (image and ground truth) and hashed.
 
-Specs:
-- ``skimage-samples``: real photographs that ship with scikit-image (no download).
+One module per layout; a spec is ``KIND`` or ``KIND:ARGUMENT``:
+
+- ``skimage-samples``: six photographs that ship with scikit-image (no download).
 - ``folder:PATH``: every image file in a folder (sorted by name, not recursive).
-- ``synthetic-shapes:N``: N generated images with known label maps (for tests and metric checks).
+- ``glob:PATTERN``: image files matching a glob pattern (``**`` recurses).
+- ``synthetic-shapes:N``: N generated images with label maps and objects (tests and metric checks).
+- ``coco:ROOT[:SPLIT]``: COCO 2017 instances, class-agnostic object masks (``pipeline.data.coco``).
+- ``coco-stuff27:ROOT[:SPLIT]``: COCO-Stuff, 182 classes mapped to 27.
+- ``cityscapes27:ROOT[:SPLIT]``: Cityscapes gtFine label ids mapped to 27 classes.
+- ``voc2012:ROOT[:SPLIT]``: PASCAL VOC 2012, SegmentationClass and SegmentationObject.
+
+Label maps hold class indices with ``IGNORE`` (255) for pixels no metric counts.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-
+from pipeline.data.base import IGNORE, FileImage, Sample, safe_id
+from pipeline.data.cityscapes import CITYSCAPES_27, cityscapes27
+from pipeline.data.coco import COCO_STUFF_27, CocoImage, coco_instances, coco_stuff27
+from pipeline.data.folder import folder_images, glob_images, skimage_samples
+from pipeline.data.synthetic import CLASSES as SHAPE_CLASSES, SyntheticImage, synthetic_shapes
+from pipeline.data.voc import VOC_CLASSES, voc2012
 from pipeline.errors import LdsError
-from pipeline.hashing import sha256_bytes, sha256_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-SKIMAGE_SAMPLES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
+ImageRecord = FileImage | SyntheticImage | CocoImage
 
-
-@dataclass(frozen=True)
-class FileImage:
-    """An image file on disk, with an optional label map (an integer PNG of the same size)."""
-
-    id: str
-    path: Path
-    label_path: Path | None = None
-
-    def content_hash(self) -> str:
-        try:
-            return sha256_file(self.path)
-        except OSError as error:
-            raise LdsError(f"cannot read image {self.path}: {error.strerror}") from None
-
-    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """RGB uint8 (H, W, 3) and the label map (H, W) or None."""
-        rgb = _read_rgb(self.path)
-        labels = None
-        if self.label_path is not None:
-            labels = np.asarray(_open_image(self.label_path)).astype(np.int32)
-        return rgb, labels
+__all__ = [
+    "IGNORE", "Dataset", "FileImage", "CocoImage", "ImageRecord", "Sample", "SyntheticImage",
+    "list_images", "num_shards", "open_dataset", "safe_id", "shard",
+]
 
 
 @dataclass(frozen=True)
-class SyntheticImage:
-    """A generated image: coloured rectangles and discs on a textured background, with labels.
+class Dataset:
+    """A dataset's records, the names of its label classes (None: no class labels) and whether it has
+    object (instance) ground truth."""
 
-    Label 0 is the background; each shape has the label of its colour class (1..3).
-    """
-
-    id: str
-    index: int
-    size: int = 96
-
-    def content_hash(self) -> str:
-        rgb, labels = self.load()
-        return sha256_bytes(rgb.tobytes() + labels.tobytes())
-
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(self.index)
-        size = self.size
-        palette = np.array([[70, 110, 60], [220, 40, 40], [40, 60, 220], [240, 210, 40]], dtype=np.float64)
-        labels = np.zeros((size, size), dtype=np.int32)
-        yy, xx = np.mgrid[:size, :size]
-        for shape_class in rng.permutation([1, 2, 3]):
-            cy, cx = rng.integers(size // 5, size - size // 5, 2)
-            radius = rng.integers(size // 8, size // 4)
-            if rng.random() < 0.5:
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-            else:
-                mask = (abs(yy - cy) < radius) & (abs(xx - cx) < radius)
-            labels[mask] = shape_class
-        rgb = palette[labels] + rng.normal(0, 12, (size, size, 3))
-        return np.clip(rgb, 0, 255).astype(np.uint8), labels
+    spec: str
+    records: list[ImageRecord]
+    classes: tuple[str, ...] | None = None
+    instances: bool = False
 
 
-ImageRecord = FileImage | SyntheticImage
+@dataclass(frozen=True)
+class Reader:
+    read: Callable[[str], list[ImageRecord] | None]  # None: the argument is not of this reader's form
+    usage: str
+    needs_argument: bool = True
+    classes: tuple[str, ...] | None = None
+    instances: bool = False
+
+
+READERS: dict[str, Reader] = {
+    "skimage-samples": Reader(lambda argument: None if argument else skimage_samples(), "skimage-samples", needs_argument=False),
+    "folder": Reader(lambda argument: folder_images(Path(argument).expanduser()), "folder:PATH"),
+    "glob": Reader(glob_images, "glob:PATTERN"),
+    "synthetic-shapes": Reader(synthetic_shapes, "synthetic-shapes:N", needs_argument=False, classes=SHAPE_CLASSES, instances=True),
+    "coco": Reader(coco_instances, "coco:ROOT[:SPLIT]", instances=True),
+    "coco-stuff27": Reader(coco_stuff27, "coco-stuff27:ROOT[:SPLIT]", classes=COCO_STUFF_27),
+    "cityscapes27": Reader(cityscapes27, "cityscapes27:ROOT[:SPLIT]", classes=CITYSCAPES_27),
+    "voc2012": Reader(voc2012, "voc2012:ROOT[:SPLIT]", classes=VOC_CLASSES, instances=True),
+}
+
+
+def open_dataset(spec: str) -> Dataset:
+    """The dataset a spec names: its records in a fixed order, its classes, whether it has objects."""
+    kind, _, argument = spec.partition(":")
+    reader = READERS.get(kind)
+    records = reader.read(argument) if reader and (argument or not reader.needs_argument) else None
+    if records is None:
+        usages = ", ".join(r.usage for r in READERS.values())
+        raise LdsError(f"unknown dataset {spec!r}; use one of {usages}")
+    return Dataset(spec, records, reader.classes, reader.instances)
 
 
 def list_images(spec: str) -> list[ImageRecord]:
     """The records of a dataset spec, in a fixed order."""
-    kind, _, argument = spec.partition(":")
-    if kind == "skimage-samples" and not argument:
-        return _skimage_samples()
-    if kind == "folder" and argument:
-        return _folder(Path(argument).expanduser())
-    if kind == "synthetic-shapes" and (not argument or (argument.isdigit() and int(argument) > 0)):
-        count = int(argument) if argument else 8
-        return [SyntheticImage(f"shapes-{i:04d}", i) for i in range(count)]
-    raise LdsError(
-        f"unknown dataset {spec!r}; use skimage-samples, folder:PATH or synthetic-shapes:N"
-    )
+    return open_dataset(spec).records
 
 
 def shard(records: list[ImageRecord], index: int, size: int) -> list[ImageRecord]:
@@ -107,49 +96,3 @@ def shard(records: list[ImageRecord], index: int, size: int) -> list[ImageRecord
 
 def num_shards(count: int, size: int) -> int:
     return max(1, -(-count // size))
-
-
-def safe_id(name: str) -> str:
-    """A file stem turned into an item name the store accepts."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("._-")
-    return cleaned or "image"
-
-
-def _skimage_samples() -> list[ImageRecord]:
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    return [FileImage(Path(name).stem, folder / name) for name in SKIMAGE_SAMPLES]
-
-
-def _folder(folder: Path) -> list[ImageRecord]:
-    if not folder.is_dir():
-        raise LdsError(f"dataset folder {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise LdsError(f"dataset folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    records, seen = [], set()
-    for path in files:
-        item = safe_id(path.stem)
-        if item in seen:
-            raise LdsError(f"two images in {folder} map to the same name {item!r}; rename one of them")
-        seen.add(item)
-        records.append(FileImage(item, path))
-    return records
-
-
-def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise LdsError(f"cannot read image {path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise LdsError(f"cannot read image {path}: not a readable image ({error})") from None
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    return np.asarray(_open_image(path).convert("RGB"))

@@ -1,0 +1,203 @@
+"""Class-agnostic object proposals from X (METHOD.md section 5), scored and written as COCO results.
+
+For K = 2..10: K-Means on the normalised features, connected components of each cluster (8-connected),
+then Ward agglomerative merging of spatially adjacent segments; every segment and every merge is a
+proposal (connected by construction, since only adjacent segments merge). Proposals covering 1%..90%
+of the image are kept; those touching >= 2 image borders are dropped (>= 3 when none would be left,
+none when still none would be left). Each is scored by a balanced binary silhouette, sorted, and
+suppressed at mask IoU 0.7 (at most 100); proposals scoring below 0 are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.decode import one_thread, token_features
+
+
+@dataclass(frozen=True)
+class ProposalParams:
+    ks: tuple[int, ...] = tuple(range(2, 11))
+    min_area: float = 0.01  # fraction of the image
+    max_area: float = 0.9
+    nms_iou: float = 0.7
+    max_proposals: int = 100
+    min_score: float = 0.0
+    seed: int = 0
+
+
+def normalise_features(x: np.ndarray) -> np.ndarray:
+    """(component, y, x): each component scaled to unit length over the image, then min-max to [-1, 1]."""
+    flat = x.reshape(x.shape[0], -1).astype(np.float64)
+    flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    low, high = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+    flat = 2 * (flat - low) / np.where(high > low, high - low, 1) - 1
+    return flat.reshape(x.shape)
+
+
+def connected_segments(labels: np.ndarray) -> np.ndarray:
+    """Each cluster of a label map (y, x) split into 8-connected components -> segment ids 0..S-1."""
+    from scipy import ndimage
+
+    segments = np.zeros(labels.shape, dtype=np.int64)
+    count = 0
+    for value in np.unique(labels):
+        parts, found = ndimage.label(labels == value, structure=np.ones((3, 3)))
+        segments[parts > 0] = parts[parts > 0] + count - 1
+        count += found
+    return segments
+
+
+def adjacent_pairs(segments: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs (a < b) of segments that touch (8-neighbourhood)."""
+    height, width = segments.shape
+    pairs = set()
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a = segments[: height - dy, max(0, -dx) : width - max(0, dx)]
+        b = segments[dy:, max(0, dx) : width - max(0, -dx)]
+        different = a != b
+        low = np.minimum(a[different], b[different])
+        high = np.maximum(a[different], b[different])
+        pairs.update(zip(low.tolist(), high.tolist()))
+    return pairs
+
+
+def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    """Every segment and every merge of Ward agglomerative clustering restricted to adjacent segments
+    (pixel-weighted: merging a and b costs n_a n_b / (n_a + n_b) |mean_a - mean_b|²), as masks (y, x)."""
+    import heapq
+
+    flat = segments.ravel()
+    count = int(flat.max()) + 1
+    sizes = list(np.bincount(flat, minlength=count).astype(np.float64))
+    sums = np.zeros((count, features.shape[1]))
+    np.add.at(sums, flat, features)
+    sums = list(sums)
+    members: list[list[int]] = [[s] for s in range(count)]
+    neighbours: dict[int, set[int]] = {s: set() for s in range(count)}
+    for a, b in adjacent_pairs(segments):
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+
+    def cost(a: int, b: int) -> float:
+        difference = sums[a] / sizes[a] - sums[b] / sizes[b]
+        return sizes[a] * sizes[b] / (sizes[a] + sizes[b]) * float(difference @ difference)
+
+    heap = [(cost(a, b), a, b) for a in neighbours for b in neighbours[a] if a < b]
+    heapq.heapify(heap)
+    while heap:
+        _, a, b = heapq.heappop(heap)
+        if a not in neighbours or b not in neighbours:
+            continue  # one of them was merged already
+        new = len(sizes)
+        sizes.append(sizes[a] + sizes[b])
+        sums.append(sums[a] + sums[b])
+        members.append(members[a] + members[b])
+        around = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
+        neighbours[new] = around
+        for other in around:
+            neighbours[other] -= {a, b}
+            neighbours[other].add(new)
+            heapq.heappush(heap, (cost(other, new), other, new))
+    return [np.isin(segments, group) for group in members]
+
+
+def borders_touched(mask: np.ndarray) -> int:
+    return int(mask[0].any()) + int(mask[-1].any()) + int(mask[:, 0].any()) + int(mask[:, -1].any())
+
+
+def filter_proposals(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
+    """Masks (n, y, x) covering min_area..max_area of the image and touching < 2 borders (< 3 when
+    none touch < 2, any number when none touch < 3)."""
+    area = masks.reshape(len(masks), -1).mean(1)
+    sized = masks[(area >= min_area) & (area <= max_area)]
+    borders = np.array([borders_touched(m) for m in sized], dtype=int)
+    for limit in (2, 3):
+        if np.any(borders < limit):
+            return sized[borders < limit]
+    return sized
+
+
+def balanced_silhouette(masks: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Silhouette score of each proposal (n, tokens) against a background of the same size: the
+    non-proposal tokens nearest to the proposal in feature space (fewer when fewer are left). The score
+    is the mean silhouette over the proposal's and the background's tokens (0 for a group of one)."""
+    from scipy.spatial.distance import cdist
+
+    distance = cdist(features, features).astype(np.float32)
+    scores = np.empty(len(masks))
+    for i, mask in enumerate(masks):
+        inside, outside = np.flatnonzero(mask), np.flatnonzero(~mask)
+        nearest = distance[np.ix_(outside, inside)].min(1)
+        background = outside[np.argsort(nearest, kind="stable")[: len(inside)]]
+        groups = (inside, background)
+        values = []
+        for own, other in (groups, groups[::-1]):
+            within = distance[np.ix_(own, own)].sum(1) / max(len(own) - 1, 1)
+            between = distance[np.ix_(own, other)].mean(1)
+            silhouette = (between - within) / np.maximum(np.maximum(between, within), 1e-12)
+            values.append(silhouette if len(own) > 1 else np.zeros(len(own)))
+        scores[i] = float(np.concatenate(values).mean())
+    return scores
+
+
+def mask_iou(masks: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of masks (n, ...)."""
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    intersection = flat @ flat.T
+    area = flat.sum(1)
+    return intersection / np.maximum(area[:, None] + area[None, :] - intersection, 1)
+
+
+def nms(masks: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression at mask IoU ``threshold``, best first."""
+    order = np.argsort(-scores, kind="stable")
+    iou = mask_iou(masks[order])
+    kept: list[int] = []
+    for rank in range(len(order)):
+        if len(kept) == limit:
+            break
+        if all(iou[rank, other] < threshold for other in kept):
+            kept.append(rank)
+    return order[kept]
+
+
+def propose(x: np.ndarray, params: ProposalParams = ProposalParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Object proposals from features (component, y, x): token masks (n, y, x) bool and their scores,
+    best first."""
+    from sklearn.cluster import KMeans
+
+    features = token_features(normalise_features(x))
+    shape = x.shape[1:]
+    found: dict[bytes, np.ndarray] = {}
+    distinct = len(np.unique(features, axis=0))
+    with one_thread():
+        for k in params.ks:
+            if k > distinct:
+                break
+            labels = KMeans(n_clusters=k, n_init=10, random_state=params.seed).fit_predict(features).reshape(shape)
+            for mask in ward_proposals(connected_segments(labels), features):
+                found.setdefault(np.packbits(mask).tobytes(), mask)
+        masks = filter_proposals(np.stack(list(found.values())), params.min_area, params.max_area)
+        if not len(masks):
+            return masks, np.zeros(0)
+        scores = balanced_silhouette(masks.reshape(len(masks), -1), features)
+        kept = nms(masks, scores, params.nms_iou, params.max_proposals)
+    kept = kept[scores[kept] >= params.min_score]
+    return masks[kept], scores[kept]
+
+
+def coco_results(masks: np.ndarray, scores: np.ndarray, image_id: int) -> list[dict]:
+    """COCO results (class-agnostic: category 1) for pixel masks (n, y, x): compressed RLE, box
+    [x, y, width, height] and score per proposal; pycocotools' ``loadRes`` reads them as they are."""
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for mask, score in zip(masks, scores):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        box = mask_utils.toBbox(rle).tolist()
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append({"image_id": int(image_id), "category_id": 1, "segmentation": rle, "bbox": box, "score": float(score)})
+    return results

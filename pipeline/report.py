@@ -1,0 +1,139 @@
+"""Aggregating the metrics of every dataset x model: rows, CSV, tables in the layout of the paper's
+(models down, datasets across), and an HTML index that links the figures."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from dataclasses import dataclass
+from typing import Any
+
+# Scalar metrics in report order: (key, header, format). Percentages as in the paper's tables.
+METRICS = (
+    ("semantic_miou", "mIoU", "pct"),
+    ("semantic_pixel_accuracy", "Acc", "pct"),
+    ("oracle_miou", "oracle mIoU", "pct"),
+    ("oracle_pixel_accuracy", "oracle Acc", "pct"),
+    ("matched_miou", "per-image mIoU", "pct"),
+    ("box_ap50", "box AP50", "pct"),
+    ("box_ap", "box AP", "pct"),
+    ("box_ar100", "box AR100", "pct"),
+    ("mask_ap50", "mask AP50", "pct"),
+    ("mask_ap", "mask AP", "pct"),
+    ("mask_ar100", "mask AR100", "pct"),
+    ("xy_regression_r2", "X-Y R²", "float"),
+    ("xy_regression_error", "X-Y error", "float"),
+)
+TABLES = (
+    ("Unsupervised semantic segmentation (dataset-level K-Means, Hungarian matching)", ("semantic_miou", "semantic_pixel_accuracy")),
+    ("Region quality (oracle decoding) and per-image matched mIoU", ("oracle_miou", "oracle_pixel_accuracy", "matched_miou")),
+    ("Class-agnostic object proposals (COCOeval)", ("box_ap50", "box_ap", "box_ar100", "mask_ap50", "mask_ap", "mask_ar100")),
+    ("X-Y coordinate regression (32 x 32 grid, 80/20 split)", ("xy_regression_r2", "xy_regression_error")),
+)
+HEADERS = {key: header for key, header, _ in METRICS}
+FORMATS = {key: kind for key, _, kind in METRICS}
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
+        return f"<h3>{html.escape(self.title)}</h3>\n<table><tr>{head}</tr>{body}</table>\n"
+
+
+def model_label(run: dict[str, Any]) -> str:
+    return f"{run['model']}{'' if run.get('pretrained') else ' (NOT pretrained)'}"
+
+
+def fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if FORMATS.get(key) == "pct" else f"{value:.3f}"
+
+
+def tables(runs: list[dict[str, Any]]) -> list[Table]:
+    """One table per task: a row per model, per dataset the task's metrics (tables with no value are
+    left out)."""
+    models = sorted({model_label(r) for r in runs})
+    out = []
+    for title, keys in TABLES:
+        datasets = sorted({r["dataset"] for r in runs if any(k in r for k in keys)})
+        if not datasets:
+            continue
+        columns = ["model"] + [f"{d} {HEADERS[k]}" for d in datasets for k in keys]
+        by = {(model_label(r), r["dataset"]): r for r in runs}
+        rows = [[m] + [fmt(k, by.get((m, d), {}).get(k)) for d in datasets for k in keys] for m in models]
+        out.append(Table(title, columns, rows))
+    return out
+
+
+def markdown_report(runs: list[dict[str, Any]]) -> str:
+    intro = (
+        "# lds metrics\n\nPercentages (mIoU, accuracy, AP, AR) and X-Y regression R² / error; "
+        "'-' where the dataset has no ground truth for that task. README.md (Metrics) says what each one means.\n\n"
+    )
+    return intro + "\n".join(t.markdown() for t in tables(runs))
+
+
+def csv_report(runs: list[dict[str, Any]]) -> str:
+    """One row per dataset x model: identification, then every scalar metric (empty when absent)."""
+    fields = ["dataset", "model", "pretrained", "weights", "images"] + [k for k, _, _ in METRICS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: run.get(k, "") for k in fields})
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class RunLinks:
+    """Files of one dataset x model, relative to the index page."""
+
+    dataset: str
+    model: str
+    caption: str
+    metrics: str
+    contact_sheet: str | None
+    figures: list[tuple[str, str]]  # (image name, path)
+    proposals: list[str]  # COCO results json files
+
+
+def html_index(runs: list[dict[str, Any]], links: list[RunLinks]) -> str:
+    """A page that shows the metrics tables and, per dataset x model, its contact sheet and links to
+    every figure and file."""
+    parts = [
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>lds results</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin-bottom:1em}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+        "img.sheet{max-width:100%;border:1px solid #ccc}.warn{color:#a00}</style></head><body>",
+        "<h1>lds results</h1>",
+        "<p><a href='metrics.md'>metrics.md</a> · <a href='metrics.csv'>metrics.csv</a> · <a href='metrics.json'>metrics.json</a></p>",
+        *(t.html() for t in tables(runs)),
+    ]
+    for run in links:
+        warn = " class='warn'" if "NOT pretrained" in run.caption else ""
+        parts.append(f"<h2>{html.escape(run.dataset)} / {html.escape(run.model)}</h2>")
+        parts.append(f"<p{warn}>{html.escape(run.caption)}</p>")
+        files = [f"<a href='{html.escape(run.metrics)}'>metrics.json</a>"] + [
+            f"<a href='{html.escape(p)}'>{html.escape(p.rsplit('/', 2)[-2])} proposals (COCO results json)</a>" for p in run.proposals
+        ]
+        parts.append("<p>" + " · ".join(files) + "</p>")
+        if run.contact_sheet:
+            parts.append(f"<p><a href='{html.escape(run.contact_sheet)}'><img class='sheet' src='{html.escape(run.contact_sheet)}' alt='contact sheet'></a></p>")
+        if run.figures:
+            items = " · ".join(f"<a href='{html.escape(path)}'>{html.escape(name)}</a>" for name, path in run.figures)
+            parts.append(f"<p>Figures per image: {items}</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

@@ -1,0 +1,63 @@
+"""`lds report`: the metrics of every dataset x model in one JSON, CSV and markdown table, and an HTML
+index page linking every figure."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from pipeline.errors import LdsError
+from stages.common import write_json_atomic
+from stages.decode import model_caption
+
+
+def read_run(path: Path) -> dict:
+    """A run's metrics.json, named by its folders: <results>/<dataset>/<model>/metrics.json."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LdsError(f"cannot read metrics {path} ({error})") from None
+    return {**metrics, "dataset": path.parent.parent.name, "model": path.parent.name}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@click.command()
+@click.argument("metrics_files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Results folder: read <dataset>/<model>/metrics.json here (unless files are given) and write the report here.")
+def report(metrics_files, results_dir):
+    """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics."""
+    from pipeline.report import RunLinks, csv_report, html_index, markdown_report
+
+    files = sorted(metrics_files) or sorted(results_dir.glob("*/*/metrics.json"))
+    if not files:
+        raise LdsError(f"no metrics found: {results_dir}/<dataset>/<model>/metrics.json; run lds evaluate (or snakemake) first")
+    runs = [read_run(path) for path in files]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    root = results_dir.resolve()
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), root)).as_posix()
+
+    links = []
+    for path, run in zip(files, runs):
+        folder = path.parent
+        sheet = folder / "figures" / "contact-sheet.png"
+        figures = sorted(p for p in (folder / "figures").glob("*.png") if p.name != "contact-sheet.png")
+        links.append(RunLinks(
+            run["dataset"], run["model"], f"{model_caption(run)}; {run.get('images', '?')} images", relative(path),
+            relative(sheet) if sheet.is_file() else None, [(p.stem, relative(p)) for p in figures],
+            [relative(p) for p in sorted(folder.glob("shard-*/instances.json"))],
+        ))
+    write_json_atomic(results_dir / "metrics.json", {"runs": runs})
+    write_text_atomic(results_dir / "metrics.csv", csv_report(runs))
+    write_text_atomic(results_dir / "metrics.md", markdown_report(runs))
+    write_text_atomic(results_dir / "index.html", html_index(runs, links))
+    click.echo(f"report: {results_dir / 'index.html'} ({len(runs)} runs)", err=True)

@@ -1,0 +1,208 @@
+"""Decoding on synthetic features with a planted segmentation (known regions + noise): semantic K-Means
+per image and across a dataset, auto-K, and object proposals (METHOD.md section 5)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.decode import (
+    batched_rows, best_k, dataset_projection, fit_dataset_kmeans, kmeans_auto, kmeans_labels, token_features,
+)
+from pipeline.instances import (
+    ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
+    filter_proposals, nms, propose, ward_proposals,
+)
+from pipeline.metrics import confusion_matrix, matched_scores
+from pipeline.preprocess import plan, resize_nearest, to_original
+
+HEIGHT, WIDTH = 24, 30
+
+
+def planted(seed: int = 0, noise: float = 0.6, dims: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Background 0 and three objects with their own feature means, plus Gaussian noise:
+    features (component, y, x) and the true regions (y, x)."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((HEIGHT, WIDTH), dtype=np.int64)
+    truth[4:11, 3:11] = 1
+    truth[13:21, 16:26] = 2
+    truth[2:8, 19:27] = 3
+    means = rng.normal(size=(4, dims)) * 3
+    features = means[truth] + rng.normal(size=(HEIGHT, WIDTH, dims)) * noise
+    return np.moveaxis(features, -1, 0), truth
+
+
+def miou(truth: np.ndarray, regions: np.ndarray) -> float:
+    return matched_scores(confusion_matrix(truth, regions, int(truth.max()) + 1, int(regions.max()) + 1))["miou"]
+
+
+# --------------------------------------------------------------------------------------------- semantic
+
+
+def test_per_image_kmeans_recovers_the_planted_segmentation():
+    features, truth = planted()
+    assert miou(truth, kmeans_labels(features, 4)) > 0.9
+    # the noise is real: one feature channel alone does not separate the regions
+    assert miou(truth, kmeans_labels(features[:1], 4)) < 0.9
+
+
+def test_auto_k_picks_the_planted_number_of_regions():
+    features, truth = planted(seed=1)
+    labels, k = kmeans_auto(features)
+    assert k == 4 and miou(truth, labels) > 0.9
+    chosen, scores = best_k(token_features(features))
+    assert chosen == 4 and set(scores) == set(range(2, 11)) and scores[4] == max(scores.values())
+    # fewer distinct tokens than candidate Ks: only the possible Ks are tried
+    assert best_k(np.repeat(np.eye(3), 5, axis=0))[0] == 3
+
+
+def test_dataset_kmeans_gives_one_cluster_id_per_class_across_images():
+    # four images share class means, but each shows them in different places and proportions
+    rng = np.random.default_rng(2)
+    means = rng.normal(size=(3, 6)) * 3
+    images, truths = [], []
+    for index in range(4):
+        truth = np.zeros((12, 15), dtype=np.int64)
+        truth[:, : 3 + 2 * index] = 1
+        truth[8 - index :, 9:] = 2
+        images.append(np.moveaxis(means[truth] + rng.normal(size=(12, 15, 6)) * 0.5, -1, 0))
+        truths.append(truth)
+    projection = dataset_projection(iter(images), 4)
+    assert projection.shape == (6, 4)
+    np.testing.assert_allclose(projection.T @ projection, np.eye(4), atol=1e-9)
+    rows = [token_features(x) @ projection for x in images]
+    model = fit_dataset_kmeans(lambda: batched_rows(iter(rows), 200), 3, seed=0)
+    predicted = [model.predict(r).reshape(12, 15) for r in rows]
+    total = sum(confusion_matrix(t, p, 3, 3) for t, p in zip(truths, predicted))
+    assert matched_scores(total)["miou"] > 0.95
+
+
+def test_dataset_projection_matches_the_svd_of_the_stacked_tokens():
+    images = [np.random.default_rng(i).normal(size=(5, 4, 6)) for i in range(3)]
+    stacked = np.concatenate([token_features(x) for x in images])
+    u, s, vt = np.linalg.svd(stacked, full_matrices=False)
+    projected = stacked @ dataset_projection(iter(images), 3)
+    np.testing.assert_allclose(np.abs(projected), np.abs(u[:, :3] * s[:3]), atol=1e-9)  # U S up to sign
+
+
+def test_batched_rows_concatenates_until_the_minimum():
+    blocks = [np.full((n, 2), n) for n in (3, 4, 10, 2)]
+    assert [len(b) for b in batched_rows(iter(blocks), 6)] == [7, 10, 2]
+
+
+# ------------------------------------------------------------------------------------------- instances
+
+
+def test_planted_objects_are_the_top_proposals():
+    features, truth = planted()
+    masks, scores = propose(features)
+    assert len(masks) <= 100 and np.all(np.diff(scores) <= 0) and np.all(scores >= 0)
+    best = {}
+    for obj in (1, 2, 3):
+        target = truth == obj
+        ious = [(m & target).sum() / (m | target).sum() for m in masks]
+        best[obj] = (int(np.argmax(ious)), max(ious))
+    assert all(iou > 0.9 for _, iou in best.values()), best
+    assert sorted(rank for rank, _ in best.values()) == [0, 1, 2]
+    # no two kept proposals overlap at IoU >= 0.7
+    flat = masks.reshape(len(masks), -1).astype(float)
+    inter = flat @ flat.T
+    iou = inter / (flat.sum(1)[:, None] + flat.sum(1)[None] - inter)
+    assert np.all(iou[~np.eye(len(masks), dtype=bool)] < 0.7)
+
+
+def test_connected_segments_and_adjacency():
+    labels = np.array([[0, 0, 1, 0], [1, 1, 1, 0], [0, 0, 1, 0]])
+    segments = connected_segments(labels)
+    # cluster 0 falls into three 8-connected parts (top left, right column, bottom left); cluster 1 is one
+    assert len(np.unique(segments)) == 4
+    assert len({segments[0, 0], segments[0, 3], segments[2, 0]}) == 3
+    one = segments[0, 2]
+    assert np.all(segments[labels == 1] == one)
+    assert adjacent_pairs(np.array([[0, 1], [2, 3]])) == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+    assert adjacent_pairs(np.array([[0, 0, 1, 1]])) == {(0, 1)}
+
+
+def test_ward_merges_the_closest_adjacent_segments_first_and_ends_with_everything():
+    segments = np.array([[0, 1, 2, 3]])
+    features = np.array([[0.0], [0.1], [5.0], [5.2]])
+    proposals = ward_proposals(segments, features)
+    assert len(proposals) == 4 + 3  # every segment and every merge
+    merges = [tuple(np.flatnonzero(p[0])) for p in proposals[4:]]
+    assert merges == [(0, 1), (2, 3), (0, 1, 2, 3)]
+    # segments 0 and 2 are alike but not adjacent: they never merge without the segment between them
+    apart = ward_proposals(np.array([[0, 1, 2]]), np.array([[0.0], [9.0], [0.1]]))
+    assert [p[0].tolist() for p in apart[3:]] == [[False, True, True], [True, True, True]]
+
+
+def test_filters_drop_small_huge_and_background_proposals():
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[0, 4:6, 4:6] = True  # 4% inside: kept
+    masks[1, 0, 0] = True  # 1% but a corner: touches 2 borders
+    masks[2, :, :] = True  # 100%: too large
+    masks[3, 0:3, 3:7] = True  # 12%, touches one border: kept
+    assert [borders_touched(m) for m in masks] == [0, 2, 4, 1]
+    kept = filter_proposals(masks, 0.01, 0.9)
+    assert len(kept) == 2 and kept[0].sum() == 4 and kept[1].sum() == 12
+    corners = np.zeros((2, 10, 10), dtype=bool)
+    corners[0, :2, :2] = corners[1, :, :2] = True  # 2 and 3 borders: the fallback keeps the first
+    assert len(filter_proposals(corners, 0.01, 0.9)) == 1
+    corners[0, :, :3] = True  # both touch 3 borders: all are kept
+    assert len(filter_proposals(corners, 0.01, 0.9)) == 2
+
+
+def test_balanced_silhouette_prefers_a_true_object_to_half_of_one():
+    features, truth = planted(noise=0.3)
+    tokens = token_features(features)
+    whole = (truth == 2).ravel()
+    half = whole & (np.arange(whole.size) % WIDTH < 21)
+    scores = balanced_silhouette(np.stack([whole, half]), tokens)
+    assert scores[0] > 0.5 and scores[0] > scores[1]
+
+
+def test_nms_keeps_the_best_of_overlapping_masks_and_at_most_the_limit():
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[0, :5, :5] = masks[1, :5, :4] = True  # IoU 0.8
+    masks[2, 6:, 6:] = True
+    masks[3, 6:, 7:] = True  # IoU 0.75 with 2
+    scores = np.array([0.5, 0.9, 0.3, 0.1])
+    assert nms(masks, scores, 0.7, 100).tolist() == [1, 2]
+    assert nms(masks, scores, 0.85, 100).tolist() == [1, 0, 2, 3]
+    assert nms(masks, scores, 0.85, 2).tolist() == [1, 0]
+
+
+def test_proposal_parameters_bound_the_output():
+    features, _ = planted(seed=3)
+    masks, scores = propose(features, ProposalParams(ks=(2, 3), max_proposals=2))
+    assert len(masks) <= 2 and masks.shape[1:] == (HEIGHT, WIDTH)
+
+
+def test_coco_results_round_trip_through_pycocotools(tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    masks = np.zeros((2, 20, 30), dtype=bool)
+    masks[0, 2:9, 3:12] = True
+    masks[1, 10:18, 15:29] = True
+    results = coco_results(masks, np.array([0.8, 0.4]), 42)
+    assert [r["bbox"] for r in results] == [[3, 2, 9, 7], [15, 10, 14, 8]]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    truth = COCO()
+    truth.dataset = {"images": [{"id": 42, "height": 20, "width": 30}], "annotations": [], "categories": [{"id": 1}]}
+    truth.createIndex()
+    loaded = truth.loadRes(str(path))
+    for ann, mask in zip(loaded.loadAnns(loaded.getAnnIds()), masks):
+        np.testing.assert_array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), mask)
+
+
+@pytest.mark.parametrize("shape, mode", [((37, 53), "short-side"), ((60, 40), "center-crop")])
+def test_masks_map_back_to_the_original_image(shape, mode):
+    geometry = plan(*shape, 24, mode, 8)
+    original = np.zeros(shape, dtype=bool)
+    original[10:25, 12:30] = True
+    back = to_original(resize_nearest(original, geometry), geometry)
+    assert back.shape == shape
+    assert (back != original).mean() < 0.05

@@ -1,0 +1,67 @@
+"""Aggregation of metrics across datasets x models: CSV, the paper-layout tables, the HTML index."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from click.testing import CliRunner
+
+from pipeline.report import csv_report, markdown_report, tables
+from stages.cli import cli
+
+RUNS = [
+    {"dataset": "coco-stuff", "model": "dino-vits8", "pretrained": True, "images": 10, "semantic_miou": 0.25, "semantic_pixel_accuracy": 0.5, "xy_regression_r2": 0.91},
+    {"dataset": "voc", "model": "dino-vits8", "pretrained": True, "images": 5, "oracle_miou": 0.6, "box_ap50": 0.123, "xy_regression_r2": 0.8},
+    {"dataset": "voc", "model": "tiny-vit", "pretrained": False, "images": 5, "oracle_miou": 0.1, "box_ap50": 0.01, "xy_regression_r2": 0.2},
+]
+
+
+def test_tables_put_models_down_and_datasets_across():
+    by_title = {t.title.split(" (")[0]: t for t in tables(RUNS)}
+    semantic = by_title["Unsupervised semantic segmentation"]
+    assert semantic.columns == ["model", "coco-stuff mIoU", "coco-stuff Acc"]
+    assert semantic.rows == [["dino-vits8", "25.0", "50.0"], ["tiny-vit (NOT pretrained)", "-", "-"]]
+    xy = by_title["X-Y coordinate regression"]
+    assert xy.columns == ["model", "coco-stuff X-Y R²", "coco-stuff X-Y error", "voc X-Y R²", "voc X-Y error"]
+    assert xy.rows[0] == ["dino-vits8", "0.910", "-", "0.800", "-"]
+    proposals = by_title["Class-agnostic object proposals"]
+    assert proposals.rows[1][:2] == ["tiny-vit (NOT pretrained)", "1.0"]
+    markdown = markdown_report(RUNS)
+    assert "| dino-vits8 | 25.0 | 50.0 |" in markdown and "|---|---|---|" in markdown
+
+
+def test_csv_has_one_row_per_run_and_every_metric_column():
+    rows = list(csv.DictReader(io.StringIO(csv_report(RUNS))))
+    assert [(r["dataset"], r["model"], r["pretrained"]) for r in rows] == [
+        ("coco-stuff", "dino-vits8", "True"), ("voc", "dino-vits8", "True"), ("voc", "tiny-vit", "False"),
+    ]
+    assert rows[0]["semantic_miou"] == "0.25" and rows[0]["box_ap"] == "" and rows[2]["box_ap50"] == "0.01"
+
+
+def test_lds_report_writes_every_file_and_links_what_exists(tmp_path):
+    run = tmp_path / "my data" / "tiny-vit"
+    (run / "figures").mkdir(parents=True)
+    (run / "shard-0").mkdir()
+    for name in ("contact-sheet.png", "img <1>.png"):
+        (run / "figures" / name).write_bytes(b"png")
+    (run / "shard-0" / "instances.json").write_text("[]")
+    metrics = {"model": "tiny-vit", "pretrained": False, "weights": "random initialisation (NOT pretrained)", "images": 2, "oracle_miou": 0.5}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    result = CliRunner().invoke(cli, ["report", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert runs == [{**metrics, "dataset": "my data", "model": "tiny-vit"}]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1].startswith("my data,tiny-vit,False,")
+    assert "| tiny-vit (NOT pretrained) | 50.0 |" in (tmp_path / "metrics.md").read_text()
+    page = (tmp_path / "index.html").read_text()
+    assert "<img class='sheet' src='my data/tiny-vit/figures/contact-sheet.png'" in page
+    assert "href='my data/tiny-vit/figures/img &lt;1&gt;.png'>img &lt;1&gt;</a>" in page
+    assert "href='my data/tiny-vit/shard-0/instances.json'" in page
+    assert "NOT pretrained" in page and "<td>50.0</td>" in page
+
+
+def test_lds_report_without_metrics_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(cli, ["report", "--results", str(tmp_path)])
+    assert result.exit_code != 0 and "no metrics found" in result.output and "lds evaluate" in result.output
