@@ -71,6 +71,21 @@ def extract_attention(model: torch.nn.Module, image: torch.Tensor, patch_size: i
     return layers
 
 
+def upsample_layer(layer: LayerAttention, grid: tuple[int, int]) -> LayerAttention:
+    """Q, K and V maps resized bicubically to ``grid`` (METHOD.md section 4: MAE's 14x14 at 224 px brought
+    to the 28x28 of the CLIP / DINO models at 448 px, so their graphs share one resolution)."""
+    if layer.grid == tuple(grid):
+        return layer
+
+    def resized(a: np.ndarray) -> np.ndarray:
+        maps = torch.from_numpy(np.moveaxis(a, -1, -3).astype(np.float32))  # (..., dim, y, x)
+        flat = maps.reshape(-1, *maps.shape[-3:])
+        out = torch.nn.functional.interpolate(flat, size=tuple(grid), mode="bicubic", align_corners=False)
+        return np.moveaxis(out.reshape(*maps.shape[:-2], *grid).numpy(), -3, -1).astype(a.dtype)
+
+    return LayerAttention(layer.name, resized(layer.q), resized(layer.k), resized(layer.v), layer.scale, layer.timesteps)
+
+
 def coarse_layers(layers: list[LayerAttention], max_resolution: int) -> list[LayerAttention]:
     """Dataset mode: only the layers whose grid is ``max_resolution`` or coarser on both sides."""
     return [layer for layer in layers if max(layer.grid) <= max_resolution]

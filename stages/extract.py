@@ -25,10 +25,11 @@ DIMS = ("head", "y", "x", "dim")
 @click.option("--timesteps", type=click.IntRange(1), default=5, show_default=True, help="Stable Diffusion: timesteps per image, each stored (a leading timestep axis).")
 @click.option("--max-timestep", type=click.IntRange(0, 999), default=250, show_default=True, help="Stable Diffusion: timesteps drawn uniformly from 0..this (dataset mode: 300).")
 @click.option("--max-resolution", type=click.IntRange(1), default=None, help="Dataset mode: keep only layers whose grid is this or coarser (32).")
+@click.option("--upsample-to", type=click.IntRange(1), default=None, help="Resize every layer's Q/K/V maps bicubically to this many tokens per side (MAE at 224: 28, the CLIP / DINO grid at 448).")
 @click.option("--concat-heads", is_flag=True, help="Dataset mode: the heads of a layer concatenated into one vector per token (stored as one head).")
 @store_option
 @manifest_option
-def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_timestep, max_resolution, concat_heads, store_root, manifest):
+def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_timestep, max_resolution, upsample_to, concat_heads, store_root, manifest):
     """Store Q, K, V (head, y, x, dim) of every attention layer of MODEL for each image; for Stable
     Diffusion (timestep, head, y, x, dim) of every UNet self-attention layer."""
     store = Store(store_root)
@@ -41,6 +42,7 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
     params = {"model": model_name, "weights_sha256": sha256_tree(weights) if weights else None, "seed": seed if uses_seed else None, "dtype": dtype}
     params |= {"timesteps": timesteps, "max_timestep": max_timestep} if diffusion else {}
     params |= ({"max_resolution": max_resolution} if max_resolution else {}) | ({"concat_heads": True} if concat_heads else {})
+    params |= {"upsample_to": upsample_to} if upsample_to else {}
     images = store.open(source)["items"]
     provenance = spec.provenance() | ({"weights": str(weights)} if weights else {})
 
@@ -69,10 +71,12 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
         return extract_attention(model(), image, spec.patch_size)
 
     def compute(item: str):
-        from pipeline.extract import coarse_layers, concat_heads as concatenated
+        from pipeline.extract import coarse_layers, concat_heads as concatenated, upsample_layer
 
         rgb = images[item]["rgb"][...]
         layers = attention(item, rgb)
+        if upsample_to:
+            layers = [upsample_layer(layer, (upsample_to, upsample_to)) for layer in layers]
         if max_resolution:
             kept = coarse_layers(layers, max_resolution)
             if not kept:

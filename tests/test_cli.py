@@ -235,3 +235,11 @@ def test_solve_draws_from_the_stored_stable_diffusion_timesteps(tmp_path):
     assert item.attrs["attention_sets"] == 3
     assert all("@t" in name for name in item.attrs["graphs"])
     assert item["X"].shape[0] == 4 and item["losses"].shape == (3,)
+
+
+def test_extract_upsamples_token_maps_on_request(chain, tmp_path):
+    store_root, manifests = chain
+    lds("extract", "--input", manifests["preprocess"], "--model", "tiny-vit", "--upsample-to", 12, "--store", store_root, "--manifest", tmp_path / "e.json")
+    extract = Store(store_root).open(ArtifactRef("extract", json.loads((tmp_path / "e.json").read_text())["key"]))
+    assert extract["items/shapes-0000/layers/block00/q"].shape == (4, 12, 12, 16)
+    assert extract["items/shapes-0000/layers/block00"].attrs["resolution"] == [12, 12]

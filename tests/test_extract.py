@@ -182,3 +182,18 @@ def test_missing_or_unreadable_weights_file_raises(tmp_path):
     bad.write_bytes(b"not a state dict")
     with pytest.raises(LdsError, match="unreadable"):
         build_model(spec, weights=bad)
+
+
+def test_upsample_layer_resizes_maps_bicubically_and_keeps_smooth_maps():
+    from pipeline.extract import upsample_layer
+
+    y, x = np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij")
+    ramp = np.stack([y, x], -1)[None].repeat(2, 0)  # (head, y, x, dim): linear in position
+    layer = LayerAttention("l", ramp, 2 * ramp, 3 * ramp, 0.5)
+    big = upsample_layer(layer, (8, 8))
+    assert big.q.shape == (2, 8, 8, 2) and big.scale == 0.5 and big.grid == (8, 8)
+    np.testing.assert_allclose(big.k, 2 * big.q, rtol=1e-5, atol=1e-6)
+    # a ramp stays monotone and within its range; the centre keeps its value
+    assert np.all(np.diff(big.q[0, :, 3, 0]) > 0) and np.all(np.diff(big.q[0, 3, :, 1]) > 0)
+    assert big.q[..., 0].mean() == pytest.approx(0.5, abs=1e-5)
+    assert upsample_layer(layer, (4, 4)) is layer
