@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.extract import is_coarse, join_heads
+
 CHUNK_ELEMENTS = 1 << 24  # similarities held at once by the neighbour search (64 MiB in float32)
 
 # One image's graph operands per layer name: (left, right), each (y, x, features), heads concatenated.
@@ -71,15 +73,12 @@ def operand_names(graph: str) -> tuple[str, str]:
 
 def concat_heads(array: np.ndarray) -> np.ndarray:
     """(head, y, x, dim) -> (y, x, head * dim); arrays already (y, x, features) pass through."""
-    if array.ndim == 3:
-        return array
-    heads, height, width, dim = array.shape
-    return np.moveaxis(array, 0, 2).reshape(height, width, heads * dim)
+    return array if array.ndim == 3 else join_heads(array)
 
 
 def coarse_layers(grids: dict[str, tuple[int, int]], resolution: int) -> list[str]:
     """Names of the layers whose token grid is ``resolution`` x ``resolution`` or coarser."""
-    return [name for name, (height, width) in grids.items() if height <= resolution and width <= resolution]
+    return [name for name, grid in grids.items() if is_coarse(grid, resolution)]
 
 
 def knn_graph(

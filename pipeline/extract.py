@@ -86,20 +86,27 @@ def upsample_layer(layer: LayerAttention, grid: tuple[int, int]) -> LayerAttenti
     return LayerAttention(layer.name, resized(layer.q), resized(layer.k), resized(layer.v), layer.scale, layer.timesteps)
 
 
+def is_coarse(grid: tuple[int, int], max_resolution: int) -> bool:
+    """Dataset mode keeps a layer whose grid is ``max_resolution`` or coarser on both sides."""
+    return max(grid) <= max_resolution
+
+
 def coarse_layers(layers: list[LayerAttention], max_resolution: int) -> list[LayerAttention]:
     """Dataset mode: only the layers whose grid is ``max_resolution`` or coarser on both sides."""
-    return [layer for layer in layers if max(layer.grid) <= max_resolution]
+    return [layer for layer in layers if is_coarse(layer.grid, max_resolution)]
 
 
 def concat_heads(layer: LayerAttention) -> LayerAttention:
     """Dataset mode: the heads of a layer joined into one vector per token, kept as a single head.
 
-    (..., head, y, x, dim) -> (..., 1, y, x, head * dim), head-major: the order of the projection's
-    own output before it is split into heads. ``scale`` stays the per-head scale of the model.
+    (..., head, y, x, dim) -> (..., 1, y, x, head * dim). ``scale`` stays the per-head scale of the model.
     """
+    joined = [np.expand_dims(join_heads(a), -4) for a in (layer.q, layer.k, layer.v)]
+    return LayerAttention(layer.name, *joined, layer.scale, layer.timesteps)
 
-    def joined(a: np.ndarray) -> np.ndarray:
-        moved = np.moveaxis(a, -4, -2)  # (..., y, x, head, dim)
-        return np.expand_dims(moved.reshape(*moved.shape[:-2], -1), -4)
 
-    return LayerAttention(layer.name, joined(layer.q), joined(layer.k), joined(layer.v), layer.scale, layer.timesteps)
+def join_heads(array: np.ndarray) -> np.ndarray:
+    """(..., head, y, x, dim) -> (..., y, x, head * dim), head-major: the order of the projection's own
+    output before it is split into heads."""
+    moved = np.moveaxis(array, -4, -2)  # (..., y, x, head, dim)
+    return moved.reshape(*moved.shape[:-2], -1)

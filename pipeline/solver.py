@@ -265,11 +265,11 @@ def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams) 
     return u.T.reshape(params.channels, *operator.grid).astype(np.float32), values[order]
 
 
-def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions, names: list[str] | None = None) -> Solution:
+def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions) -> Solution:
     """A Solution from eigenvectors U: X = X_ortho = U (already orthonormal, in eigenvalue order)."""
     eigenvalues, orthogonality = measure(u, layers, options)
     return Solution(u, u.copy(), u.copy(), eigenvalues, orthogonality, np.zeros(0, np.float32),
-                    names or [n for layer in select(layers, options) for n in head_names(layer, options)])
+                    [name for layer in select(layers, options) for name in head_names(layer, options)])
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ def read_layer_sets(item_group) -> list:
     first = next(iter(arrays.values()))[0]
     if first.ndim == 4:
         return [[LayerAttention(name, q, k, v, scales[name]) for name, (q, k, v) in arrays.items()]]
-    timesteps = dict(groups)[groups[0][0]].attrs.get("timesteps", list(range(first.shape[0])))
+    timesteps = groups[0][1].attrs.get("timesteps", list(range(first.shape[0])))
     return [
         [LayerAttention(f"{name}@t{t}", q[i], k[i], v[i], scales[name]) for name, (q, k, v) in arrays.items()]
         for i, t in enumerate(timesteps)
