@@ -1,9 +1,9 @@
-"""Decoding pseudo-eigenvectors into regions (METHOD.md section 5): K-Means per image or across a
-dataset, with K given or chosen by silhouette."""
+"""Decoding pseudo-eigenvectors into regions (METHOD.md section 5): K-Means per image, with K given or
+chosen by silhouette (across a dataset: pipeline.dataset_kmeans)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -67,47 +67,3 @@ def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Token labels (y, x) -> pixel labels of ``size`` = (height, width), nearest neighbour."""
     image = Image.fromarray(labels.astype(np.int32), mode="I")
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------------- dataset level
-
-
-def dataset_projection(images: Iterable[np.ndarray], components: int) -> np.ndarray:
-    """The low-rank SVD of all images' stacked token features (rows = tokens of every image), from their
-    Gram matrix accumulated one image at a time: returns V (dims, components) so that the features
-    times V are the first ``components`` columns of U S."""
-    gram = None
-    for x in images:
-        rows = token_features(x).astype(np.float64)
-        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
-    eigenvalues, vectors = np.linalg.eigh(gram)
-    order = np.argsort(eigenvalues)[::-1][:components]
-    return vectors[:, order]
-
-
-def fit_dataset_kmeans(
-    batches: Callable[[], Iterator[np.ndarray]], clusters: int, seed: int = 0, epochs: int = 3
-):
-    """MiniBatchKMeans over every token of a dataset, streamed: ``batches()`` yields (tokens, dims)
-    arrays (a few images each) and is called once per epoch."""
-    from sklearn.cluster import MiniBatchKMeans
-
-    model = MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, batch_size=4096)
-    for _ in range(epochs):
-        for batch in batches():
-            model.partial_fit(batch)
-    return model
-
-
-def batched_rows(arrays: Iterable[np.ndarray], minimum: int) -> Iterator[np.ndarray]:
-    """Row blocks concatenated until each holds at least ``minimum`` rows (the last may hold fewer)."""
-    pending: list[np.ndarray] = []
-    count = 0
-    for rows in arrays:
-        pending.append(rows)
-        count += len(rows)
-        if count >= minimum:
-            yield np.concatenate(pending)
-            pending, count = [], 0
-    if pending:
-        yield np.concatenate(pending)

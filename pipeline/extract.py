@@ -32,6 +32,12 @@ def image_tensor(rgb: np.ndarray, mean, std) -> torch.Tensor:
     return x[None]
 
 
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A captured projection as a float32 array on the host, from whichever device the model runs on
+    (every extractor converts through here)."""
+    return tensor.detach().float().cpu().numpy()
+
+
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The self-attention modules of a timm VisionTransformer, in depth order."""
     return [(f"block{i:02d}", block.attn) for i, block in enumerate(model.blocks)]
@@ -66,7 +72,7 @@ def extract_attention(model: torch.nn.Module, image: torch.Tensor, patch_size: i
     prefix = model.num_prefix_tokens
     layers = []
     for name, module in attention_modules(model):
-        q, k, v = (t[0, :, prefix:].reshape(t.shape[1], grid_h, grid_w, -1).numpy() for t in captured[name])
+        q, k, v = (to_numpy(t[0, :, prefix:].reshape(t.shape[1], grid_h, grid_w, -1)) for t in captured[name])
         layers.append(LayerAttention(name, q, k, v, float(module.scale)))
     return layers
 

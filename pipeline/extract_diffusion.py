@@ -5,6 +5,10 @@ training schedule, and the UNet is run with the empty-prompt embedding. Forward 
 ``to_k``, ``to_v`` of every self-attention module (``attn1``; cross-attention ``attn2`` is never read)
 copy the projections into preallocated arrays of the output dtype, so no N x N matrix outlives the
 layer that computes it.
+
+The image, latent, noise, timesteps and prompt embedding live on the model's device; each timestep's
+noise is drawn on the CPU generator and then moved there, so a seed gives the same noise on every device
+and the stored Q, K, V agree between CPU and GPU up to float error.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention
+from pipeline.extract import LayerAttention, to_numpy
 from pipeline.models.diffusion import StableDiffusion
 
 
@@ -69,8 +73,8 @@ def extract_attention_sd(
 ) -> list[LayerAttention]:
     """Q, K, V of every UNet self-attention layer at each timestep: arrays (timestep, head, y, x, dim).
 
-    ``image``: (1, 3, H, W) in [-1, 1]; ``generator`` draws one Gaussian noise per timestep. Layers are
-    named in the order the UNet runs them (down, mid, up).
+    ``image``: (1, 3, H, W) in [-1, 1], on the model's device; ``generator`` (a CPU one) draws one
+    Gaussian noise per timestep. Layers are named in the order the UNet runs them (down, mid, up).
     """
     latent = encode(sd.vae, image)
     modules = self_attention_modules(sd.unet)
@@ -91,7 +95,7 @@ def extract_attention_sd(
                 if part == "q":
                     order.append(path)
                 arrays[path][part] = np.empty((len(timesteps), heads, *grid, tokens.shape[-1]), dtype)
-            arrays[path][part][step] = tokens[0].reshape(heads, *grid, -1).numpy()
+            arrays[path][part][step] = to_numpy(tokens[0].reshape(heads, *grid, -1))
 
         return hook
 
@@ -102,8 +106,8 @@ def extract_attention_sd(
     ]
     try:
         for step, t in enumerate(timesteps):
-            noise = torch.randn(latent.shape, generator=generator)
-            timestep = torch.tensor([t])
+            noise = torch.randn(latent.shape, generator=generator).to(latent.device)  # CPU draw: same on any device
+            timestep = torch.tensor([t], device=latent.device)
             sd.unet(sd.scheduler.add_noise(latent, noise, timestep), timestep, encoder_hidden_states=sd.prompt_embedding)
     finally:
         for handle in handles:

@@ -7,7 +7,7 @@ import inspect
 import torch
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention
+from pipeline.extract import LayerAttention, to_numpy
 
 # names of the separate projections in transformers attention modules (current, then older releases)
 PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -35,12 +35,13 @@ def prefix_tokens(model: torch.nn.Module) -> int:
     return 1 + getattr(model.config, "num_register_tokens", 0)
 
 
-def forward_kwargs(model: torch.nn.Module, patches: int) -> dict:
-    """Arguments that make any image size work and keep ViT-MAE's patches all there, in order."""
+def forward_kwargs(model: torch.nn.Module, patches: int, device: torch.device | str = "cpu") -> dict:
+    """Arguments that make any image size work and keep ViT-MAE's patches all there, in order (its
+    noise made on ``device``, the image's)."""
     parameters = inspect.signature(model.forward).parameters
     kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in parameters else {}
     if "noise" in parameters:  # ViT-MAE keeps the patches in the order of this noise: ascending = unshuffled
-        kwargs["noise"] = torch.arange(patches, dtype=torch.float32)[None]
+        kwargs["noise"] = torch.arange(patches, dtype=torch.float32, device=device)[None]
     return kwargs
 
 
@@ -67,7 +68,7 @@ def extract_attention_hf(model: torch.nn.Module, image: torch.Tensor) -> list[La
             handles.append(getattr(module, projection).register_forward_hook(
                 lambda m, args, output, key=(name, part): captured.__setitem__(key, output)))
     try:
-        model(image, **forward_kwargs(model, grid_h * grid_w))
+        model(image, **forward_kwargs(model, grid_h * grid_w, image.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -80,6 +81,6 @@ def extract_attention_hf(model: torch.nn.Module, image: torch.Tensor) -> list[La
             tokens = captured[(name, part)][0]  # (tokens, heads * dim), batch of one
             if tokens.shape[0] != prefix + grid_h * grid_w:
                 raise RuntimeError(f"{name}: {tokens.shape[0]} tokens, expected {prefix} + {grid_h}x{grid_w}")
-            arrays.append(tokens[prefix:].reshape(grid_h, grid_w, heads, -1).permute(2, 0, 1, 3).numpy())
+            arrays.append(to_numpy(tokens[prefix:].reshape(grid_h, grid_w, heads, -1).permute(2, 0, 1, 3)))
         layers.append(LayerAttention(name, *arrays, scale))
     return layers

@@ -16,6 +16,8 @@ METRICS = (
     ("oracle_miou", "oracle mIoU", "pct"),
     ("oracle_pixel_accuracy", "oracle Acc", "pct"),
     ("matched_miou", "per-image mIoU", "pct"),
+    ("zeroshot_miou", "zero-shot mIoU", "pct"),
+    ("zeroshot_pixel_accuracy", "zero-shot Acc", "pct"),
     ("box_ap50", "box AP50", "pct"),
     ("box_ap", "box AP", "pct"),
     ("box_ar100", "box AR100", "pct"),
@@ -28,6 +30,7 @@ METRICS = (
 TABLES = (
     ("Unsupervised semantic segmentation (dataset-level K-Means, Hungarian matching)", ("semantic_miou", "semantic_pixel_accuracy")),
     ("Region quality (oracle decoding) and per-image matched mIoU", ("oracle_miou", "oracle_pixel_accuracy", "matched_miou")),
+    ("Zero-shot semantic segmentation (CLIP labels by class name, no matching)", ("zeroshot_miou", "zeroshot_pixel_accuracy")),
     ("Class-agnostic object proposals (COCOeval)", ("box_ap50", "box_ap", "box_ar100", "mask_ap50", "mask_ap", "mask_ar100")),
     ("X-Y coordinate regression (32 x 32 grid, 80/20 split)", ("xy_regression_r2", "xy_regression_error")),
 )

@@ -12,6 +12,7 @@ above ``dense_limit`` tokens, where graphs are applied block by block from Q and
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.errors import LdsError
 from pipeline.extract import LayerAttention
 from pipeline.graphs import GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised
 from pipeline.solver_params import GraphOptions, SolverParams
@@ -40,9 +42,20 @@ class Solution:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' as given.
+
+    Raises an LdsError naming ``--device`` for any other value, or for a CUDA device that is not there.
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LdsError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LdsError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise LdsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 

@@ -1,10 +1,16 @@
 """The content-addressed artifact store: Zarr v3 groups under ``<root>/<stage>/<key>.zarr``.
 
+The root is a local folder or any fsspec URL (``memory://``, ``s3://bucket/lds``, ``gs://...``).
 An artifact is written under ``<key>.zarr.partial``. Each item (usually one image) is written to a
-temporary folder and renamed into ``items/<item>`` in one step, so a killed run leaves only whole items
+temporary folder and moved into ``items/<item>`` whole, so a killed run leaves only whole items
 behind and the next run resumes with the missing ones. When every item is there, the root attributes
-are marked complete and the folder is renamed to ``<key>.zarr``: a published artifact is always whole.
-A lock file serialises processes that ask for the same key.
+are marked complete and the folder is moved to ``<key>.zarr``: a published artifact is always whole.
+On a local disk a move is one rename; elsewhere the group's ``zarr.json`` is copied last, and an
+artifact or item counts as present only once its ``zarr.json`` is there. A lock file serialises local
+processes that ask for the same key (object stores have no locks: Snakemake never runs one job twice).
+
+Every computed, reused or failed item is also recorded in a journal under ``<root>/.journal/<run>/``
+(one small JSON file per event), which ``lds summary`` and the tests read as the store's counters.
 """
 
 from __future__ import annotations
@@ -14,12 +20,11 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ContextManager, Iterable, Iterator
 
 import numpy as np
 
@@ -29,6 +34,9 @@ from pipeline.hashing import sha256_bytes
 
 ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ITEMS = "items"
+METADATA = "zarr.json"
+JOURNAL = ".journal"
+RUN_ENV = "LDS_RUN"  # names the run a journal record belongs to (the Snakefile sets it per workflow run)
 
 
 @dataclass
@@ -56,8 +64,6 @@ def array_checksum(data: np.ndarray) -> str:
 
 def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dict] | None = None) -> None:
     """Write arrays into a zarr group; names may contain '/' to nest them in sub-groups."""
-    import zarr  # noqa: F401  (imported for its side effect of registering codecs)
-
     for path, attrs in (group_attrs or {}).items():
         sub = group.require_group(path) if path else group
         sub.attrs.update(attrs)
@@ -80,56 +86,113 @@ def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dic
         array.attrs.update({**spec.attrs, "sha256": array_checksum(data)})
 
 
+def current_run() -> str:
+    """The run journal records are filed under: $LDS_RUN, or 'manual' for stages run by hand."""
+    return os.environ.get(RUN_ENV) or "manual"
+
+
 class Store:
-    """A folder of artifacts, addressed by (stage, key)."""
+    """A folder of artifacts on any fsspec file system, addressed by (stage, key)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser()
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        text = os.path.expanduser(str(root))
+        self.fs, self.base = fsspec.core.url_to_fs(text)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = self.base if self.local else text.rstrip("/")
 
     # -- locations ---------------------------------------------------------------------------------
-    def path(self, ref: ArtifactRef) -> Path:
-        return self.root / ref.stage / f"{ref.key}.zarr"
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
 
-    def partial_path(self, ref: ArtifactRef) -> Path:
-        return self.root / ref.stage / f"{ref.key}.zarr.partial"
+    def _fs_path(self, ref: ArtifactRef) -> str:
+        return self._join(ref.stage, f"{ref.key}.zarr")
+
+    def _location(self, fs_path: str) -> str:
+        return fs_path if self.local else self.fs.unstrip_protocol(fs_path)
+
+    def path(self, ref: ArtifactRef) -> str:
+        """Where a published artifact lives: a local path, or a URL zarr and xarray open directly."""
+        return self._location(self._fs_path(ref))
+
+    def partial_path(self, ref: ArtifactRef) -> str:
+        return self._location(self._fs_path(ref) + ".partial")
+
+    def local_folder(self, name: str) -> Path:
+        """A local folder for files that must be on disk (converted weights): in the store when it
+        is local, else under ~/.cache/lds."""
+        return Path(self._join(name)) if self.local else Path.home() / ".cache" / "lds" / name
 
     def exists(self, ref: ArtifactRef) -> bool:
         """True when the artifact is published (complete); cheap, opens nothing."""
-        return (self.path(ref) / "zarr.json").is_file()
+        return self.fs.isfile(f"{self._fs_path(ref)}/{METADATA}")
 
     def ensure_writable(self) -> None:
+        probe = self._join(f".write-probe-{uuid.uuid4().hex}")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.fs.makedirs(self.base, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
         except OSError as error:
             raise LdsError(
-                f"store {self.root} is not writable ({error.strerror}); set LDS_CACHE or --store to a "
-                "writable folder"
+                f"store {self.root} is not writable ({error.strerror or error}); set LDS_CACHE or --store to a "
+                "writable folder or URL"
             ) from None
 
     # -- reading -----------------------------------------------------------------------------------
-    def open(self, ref: ArtifactRef):
-        """The published artifact as a read-only zarr group."""
+    def open_group(self, fs_path: str, mode: str = "r"):
+        """A zarr group at a path of this store's file system."""
         import zarr
 
+        if self.local:
+            return zarr.open_group(fs_path, mode=mode)
+        from zarr.storage import FsspecStore
+
+        store = FsspecStore.from_url(self.fs.unstrip_protocol(fs_path), storage_options=self.fs.storage_options, read_only=mode == "r")
+        return zarr.open_group(store=store, mode=mode)
+
+    def open(self, ref: ArtifactRef):
+        """The published artifact as a read-only zarr group."""
         if not self.exists(ref):
             raise LdsError(f"artifact {ref.stage}/{ref.key} is not in store {self.root}; run its stage first")
-        return zarr.open_group(str(self.path(ref)), mode="r")
+        return self.open_group(self._fs_path(ref))
 
     def attrs(self, ref: ArtifactRef) -> dict[str, Any]:
         """Root attributes of a published artifact, read straight from its metadata file."""
-        return read_attributes(self.path(ref))
+        return json.loads(self.fs.cat_file(f"{self._fs_path(ref)}/{METADATA}")).get("attributes", {})
+
+    # -- small files beside the artifacts (checkpoints) --------------------------------------------
+    def write_file(self, relative: str, data: bytes) -> None:
+        """Write bytes under the root, whole or not at all (temporary name, then a move)."""
+        final = self._join(relative)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        self.fs.makedirs(self.fs._parent(final), exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, final)
+
+    def read_file(self, relative: str) -> bytes | None:
+        """Bytes of a file under the root, or None when there is none."""
+        path = self._join(relative)
+        return self.fs.cat_file(path) if self.fs.isfile(path) else None
+
+    def delete_file(self, relative: str) -> None:
+        path = self._join(relative)
+        if self.fs.isfile(path):
+            self.fs.rm_file(path)
 
     # -- writing -----------------------------------------------------------------------------------
-    @contextmanager
-    def lock(self, ref: ArtifactRef) -> Iterator[None]:
-        """Hold an exclusive lock on a key, so two processes never write the same artifact."""
+    def lock(self, ref: ArtifactRef) -> ContextManager[None]:
+        """Hold an exclusive lock on a key, so two local processes never write the same artifact."""
         self.ensure_writable()
-        lock_path = self.root / ref.stage / f"{ref.key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as handle:
+        return self._file_lock(self._join(ref.stage, f"{ref.key}.lock")) if self.local else nullcontext()
+
+    @staticmethod
+    @contextmanager
+    def _file_lock(path: str) -> Iterator[None]:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -140,30 +203,60 @@ class Store:
         """A writer for an artifact in progress; resumes a partial one left by an earlier run."""
         return ArtifactWriter(self, ref, attrs, list(inputs))
 
+    def move_tree(self, source: str, target: str) -> None:
+        """Move a zarr group folder whole: one rename locally, its ``zarr.json`` last elsewhere."""
+        if self.local:
+            os.rename(source, target)
+            return
+        files = sorted(self.fs.find(source), key=lambda p: p == f"{source}/{METADATA}")
+        for file in files:
+            self.fs.copy(file, target + file[len(source):])
+        self.fs.rm(source, recursive=True)
+
+    # -- journal: the store's counters ------------------------------------------------------------
+    def record(self, event: str, ref: ArtifactRef, item: str = "", **fields: Any) -> None:
+        """File one journal event (computed, reused, resumed, failed) for an item or a whole artifact."""
+        record = {"event": event, "stage": ref.stage, "key": ref.key, "item": item, "run": current_run(),
+                  "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields}
+        name = f"{ref.stage}.{ref.key}.{item or '-'}.{event}.{uuid.uuid4().hex[:12]}.json"
+        folder = self._join(JOURNAL, record["run"])
+        self.fs.makedirs(folder, exist_ok=True)
+        self.fs.pipe_file(f"{folder}/{name}", json.dumps(record).encode())
+
+    def runs(self) -> list[str]:
+        """Runs that have journal records, oldest first."""
+        folder = self._join(JOURNAL)
+        if not self.fs.isdir(folder):
+            return []
+        entries = sorted(self.fs.ls(folder, detail=True), key=lambda e: (e.get("mtime") or 0, e["name"]))
+        return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
+
+    def records(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Journal records of one run (every run when None)."""
+        pattern = self._join(JOURNAL, run or "*", "*.json")
+        return [json.loads(self.fs.cat_file(path)) for path in sorted(self.fs.glob(pattern))]
+
     # -- housekeeping ------------------------------------------------------------------------------
     def artifacts(self) -> list[ArtifactRef]:
         """Every published artifact, sorted by stage and key."""
-        if not self.root.is_dir():
-            return []
-        refs = [
-            ArtifactRef(stage_dir.name, entry.name[: -len(".zarr")])
-            for stage_dir in self.root.iterdir()
-            if stage_dir.is_dir() and not stage_dir.name.startswith(".")
-            for entry in stage_dir.iterdir()
-            if entry.name.endswith(".zarr")
-        ]
+        found = self.fs.glob(self._join("*", f"*.zarr/{METADATA}"))
+        refs = []
+        for path in found:
+            stage, folder = path.split("/")[-3:-1]
+            if not stage.startswith("."):
+                refs.append(ArtifactRef(stage, folder[: -len(".zarr")]))
         return sorted(refs, key=lambda ref: (ref.stage, ref.key))
 
-    def partials(self) -> list[Path]:
-        return sorted(self.root.glob("*/*.zarr.partial")) if self.root.is_dir() else []
+    def partials(self) -> list[ArtifactRef]:
+        """Artifacts begun and not yet published (they resume on the next run)."""
+        found = self.fs.glob(self._join("*", "*.zarr.partial"))
+        return sorted(ArtifactRef(p.split("/")[-2], p.split("/")[-1][: -len(".zarr.partial")]) for p in found)
 
     def size(self, ref: ArtifactRef) -> int:
-        return sum(p.stat().st_size for p in self.path(ref).rglob("*") if p.is_file())
+        return int(self.fs.du(self._fs_path(ref)))
 
     def verify(self, ref: ArtifactRef) -> list[str]:
         """Problems found in a published artifact: missing marker or items, wrong shapes or checksums."""
-        import zarr
-
         problems: list[str] = []
         try:
             attrs = self.attrs(ref)
@@ -171,7 +264,7 @@ class Store:
             return [f"unreadable metadata: {error}"]
         if attrs.get("complete") is not True:
             problems.append("not marked complete")
-        group = zarr.open_group(str(self.path(ref)), mode="r")
+        group = self.open(ref)
         listed = attrs.get("items", [])
         present = set(group[ITEMS].group_keys()) if ITEMS in group else set()
         problems += [f"item {item} listed but missing" for item in listed if item not in present]
@@ -201,11 +294,16 @@ class Store:
         return seen
 
     def remove(self, ref: ArtifactRef) -> None:
-        """Remove a published artifact: renamed away first, so readers never see half of it."""
-        path = self.path(ref)
-        doomed = path.with_name(f".{path.name}.removing-{uuid.uuid4().hex}")
-        os.rename(path, doomed)
-        shutil.rmtree(doomed)
+        """Remove a published artifact: unpublished first (moved away, or its zarr.json deleted), so
+        readers never see half of it."""
+        path = self._fs_path(ref)
+        if self.local:
+            doomed = self._join(ref.stage, f".{ref.key}.zarr.removing-{uuid.uuid4().hex}")
+            os.rename(path, doomed)
+            path = doomed
+        else:
+            self.fs.rm_file(f"{path}/{METADATA}")
+        self.fs.rm(path, recursive=True)
 
 
 def walk_arrays(group, prefix: str = ""):
@@ -215,27 +313,16 @@ def walk_arrays(group, prefix: str = ""):
         yield from walk_arrays(sub, f"{prefix}{name}/")
 
 
-def read_attributes(path: Path) -> dict[str, Any]:
-    """A zarr v3 group's attributes, from its ``zarr.json`` (fast: no zarr import)."""
-    with open(path / "zarr.json") as handle:
-        return json.load(handle).get("attributes", {})
-
-
 class ArtifactWriter:
     """Writes one artifact item by item; ``publish`` makes it visible as complete."""
 
     def __init__(self, store: Store, ref: ArtifactRef, attrs: dict[str, Any], inputs: list[ArtifactRef]):
-        import zarr
-
         self.store, self.ref = store, ref
-        self.partial = store.partial_path(ref)
-        self.tmp_root = store.root / ".tmp"
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
-        if (self.partial / "zarr.json").is_file():
-            self.group = zarr.open_group(str(self.partial), mode="r+")
-        else:
-            self.partial.mkdir(parents=True, exist_ok=True)
-            self.group = zarr.open_group(str(self.partial), mode="w")
+        self.partial = store._fs_path(ref) + ".partial"
+        self.tmp_root = store._join(".tmp")
+        fs = store.fs
+        resuming = fs.isfile(f"{self.partial}/{METADATA}")
+        self.group = store.open_group(self.partial, mode="r+" if resuming else "w")
         self.group.attrs.update(
             {
                 **attrs,
@@ -251,8 +338,8 @@ class ArtifactWriter:
     @property
     def done(self) -> set[str]:
         """Items already written, by this run or an earlier one that was interrupted."""
-        items = self.partial / ITEMS
-        return {p.name for p in items.iterdir() if (p / "zarr.json").is_file()}
+        found = self.store.fs.glob(f"{self.partial}/{ITEMS}/*/{METADATA}")
+        return {path.split("/")[-2] for path in found}
 
     def write_item(
         self,
@@ -260,36 +347,38 @@ class ArtifactWriter:
         arrays: dict[str, ArraySpec],
         attrs: dict[str, Any] | None = None,
         group_attrs: dict[str, dict] | None = None,
-    ) -> None:
-        """Write one item's arrays to a temporary folder, then rename it into place in one step."""
-        import zarr
+    ) -> bool:
+        """Write one item's arrays to a temporary folder, then move it into place whole.
 
+        Returns False when the item was already there (written meanwhile by an interrupted attempt:
+        the first one is kept)."""
         if not ITEM_NAME.match(item):
             raise ValueError(f"item name {item!r} is not a safe file name")
-        tmp = self.tmp_root / f"{self.ref.key}-{item}-{uuid.uuid4().hex}"
-        group = zarr.open_group(str(tmp), mode="w")
+        fs = self.store.fs
+        tmp = f"{self.tmp_root}/{self.ref.key}-{item}-{uuid.uuid4().hex}"
+        group = self.store.open_group(tmp, mode="w")
         group.attrs.update(attrs or {})
         write_arrays(group, arrays, group_attrs)
-        final = self.partial / ITEMS / item
-        if final.exists():  # written meanwhile by an earlier, interrupted attempt: keep the first
-            shutil.rmtree(tmp)
-            return
-        os.rename(tmp, final)
+        final = f"{self.partial}/{ITEMS}/{item}"
+        if fs.exists(final):
+            fs.rm(tmp, recursive=True)
+            return False
+        self.store.move_tree(tmp, final)
+        return True
 
     def write_root(self, arrays: dict[str, ArraySpec]) -> None:
         """Arrays that belong to the whole artifact rather than one item."""
         write_arrays(self.group, arrays)
 
-    def publish(self, items: list[str], attrs: dict[str, Any] | None = None) -> Path:
-        """Check every item is present, mark the artifact complete and rename it into place."""
+    def publish(self, items: list[str], attrs: dict[str, Any] | None = None) -> str:
+        """Check every item is present, mark the artifact complete and move it into place."""
         missing = sorted(set(items) - self.done)
         if missing:
             raise RuntimeError(f"cannot publish {self.ref.stage}/{self.ref.key}: items missing {missing}")
         created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.group.attrs.update({**(attrs or {}), "items": list(items), "created": created, "complete": True})
-        final = self.store.path(self.ref)
-        if final.exists():  # another process published the same key first; same inputs, same result
-            shutil.rmtree(self.partial)
+        if self.store.exists(self.ref):  # another process published the same key first; same inputs, same result
+            self.store.fs.rm(self.partial, recursive=True)
         else:
-            os.rename(self.partial, final)
-        return final
+            self.store.move_tree(self.partial, self.store._fs_path(self.ref))
+        return self.store.path(self.ref)

@@ -10,6 +10,7 @@ import click
 from pipeline.errors import LdsError
 from pipeline.store import ArtifactRef, Store, walk_arrays
 from stages.common import read_manifest, store_option
+from stages.baseline import baseline
 from stages.bench import bench
 from stages.cluster import cluster
 from stages.decode import decode
@@ -19,10 +20,12 @@ from stages.preprocess import preprocess
 from stages.report import report
 from stages.solve import solve
 from stages.solve_dataset import solve_dataset
+from stages.zeroshot import zeroshot
+from stages.summary import summary
 
 
 class LdsGroup(click.Group):
-    """Turns an LdsError anywhere below into one line on stderr and exit status 2."""
+    """Turns an LdsError anywhere below into one line on stderr and exit status 1 (click's usage errors exit with 2)."""
 
     def invoke(self, ctx):
         try:
@@ -59,10 +62,10 @@ def inspect(target, store_root):
     """Print an artifact's arrays (shape, dtype, chunks, dims) and attributes."""
     store = Store(store_root)
     ref = resolve_ref(store, target)
-    path = Path(target) if target.endswith(".zarr") else store.path(ref)
-    store = Store(path.parent.parent)
+    if target.endswith(".zarr"):  # a path to an artifact names its store, too
+        store = Store(target.rstrip("/").rsplit("/", 2)[0])
     group = store.open(ref)
-    click.echo(f"{ref.stage}/{ref.key}  {path}")
+    click.echo(f"{ref.stage}/{ref.key}  {store.path(ref)}")
     attrs = dict(group.attrs)
     click.echo(json.dumps({k: v for k, v in attrs.items() if k != "items"}, indent=2, sort_keys=True))
     items = attrs.get("items", [])
@@ -121,8 +124,8 @@ def cache_ls(store_root):
         attrs = store.attrs(ref)
         inputs = ",".join(f"{i['stage']}/{i['key'][:8]}" for i in attrs.get("inputs", []))
         click.echo(f"{ref.stage:10s} {ref.key}  {store.size(ref) / 1e6:9.2f} MB  {len(attrs.get('items', [])):5d} items  inputs: {inputs or '-'}")
-    for partial in store.partials():
-        click.echo(f"{partial.parent.name:10s} {partial.name}  (incomplete: resumes on the next run)")
+    for ref in store.partials():
+        click.echo(f"{ref.stage:10s} {ref.key}  (incomplete: resumes on the next run)")
 
 
 @cache.command("show")
@@ -175,7 +178,7 @@ def cache_gc(manifests, dry_run, store_root):
     click.echo(f"{len(keep)} kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
 
 
-for command in (preprocess, extract, solve, solve_dataset, decode, cluster, evaluate, report, bench):
+for command in (preprocess, extract, solve, solve_dataset, baseline, decode, zeroshot, cluster, evaluate, report, summary, bench):
     cli.add_command(command)
 
 

@@ -1,5 +1,6 @@
 """`lds cluster`: one K-Means over the tokens of every image of a dataset (all shards), so that a
-cluster means the same thing in every image (dataset-level semantic segmentation)."""
+cluster means the same thing in every image (dataset-level semantic segmentation). X is read lazily
+from the store as dask arrays; the computations run on a dask.distributed cluster or local threads."""
 
 from __future__ import annotations
 
@@ -10,25 +11,33 @@ import numpy as np
 
 from pipeline.errors import LdsError
 from pipeline.store import ArraySpec, Store
-from stages.common import manifest_option, provenance, read_manifest, run_stage, store_option, upstream
+from stages.common import (
+    dask_scheduler_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
+)
 from stages.decode import ClustersType
 
-SAMPLE_TOKENS = 10_000  # tokens drawn across the dataset to choose K by silhouette
-BATCH_TOKENS = 4096  # tokens per MiniBatchKMeans step (whole images, concatenated)
+PREDICT_IMAGES = 64  # images whose labels are computed together (one dask computation)
 
 
 @click.command()
 @click.option("--input", "input_manifests", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path), help="Solve manifests (one per shard).")
 @click.option("--clusters", type=ClustersType(), default=27, show_default=True, help="K, or 'auto' (2..10 by silhouette on a sample of tokens).")
 @click.option("--components", type=click.IntRange(1), default=None, help="Columns of U S kept from the dataset's low-rank SVD of X [default: K, or every channel with auto].")
-@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True, help="Passes of MiniBatchKMeans over the dataset.")
+@click.option("--iterations", type=click.IntRange(1), default=100, show_default=True, help="Lloyd passes over the dataset at most (fewer when the centres settle).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@dask_scheduler_option
 @store_option
 @manifest_option
-def cluster(input_manifests, clusters, components, epochs, seed, store_root, manifest):
-    """Project every image's X on the dataset's leading singular vectors, fit MiniBatchKMeans on all
-    tokens, and store each image's cluster map (tokens and pixels)."""
-    from pipeline.decode import batched_rows, best_k, dataset_projection, fit_dataset_kmeans, token_features, upsample_labels
+def cluster(input_manifests, clusters, components, iterations, seed, dask_scheduler, store_root, manifest):
+    """Project every image's X on the dataset's leading singular vectors, fit K-Means on all tokens
+    (started from a seeded sample, then Lloyd over the dataset), and store each image's cluster map
+    (tokens and pixels)."""
+    import dask
+    import dask.array as da
+
+    from pipeline.dask_compute import dask_scheduler as scheduler
+    from pipeline.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
+    from pipeline.decode import upsample_labels
 
     store = Store(store_root)
     sources = [read_manifest(path) for path in input_manifests]
@@ -36,37 +45,43 @@ def cluster(input_manifests, clusters, components, epochs, seed, store_root, man
     everything = [(solved, images, item) for solved, images, items in shards for item in items]
     if len({item for _, _, item in everything}) < len(everything):
         raise LdsError("the solve manifests given to lds cluster share images; give each shard once")
+    by_item = {item: (solved, images) for solved, images, item in everything}
+    items = list(by_item)
     channels = everything[0][0][everything[0][2]]["X"].shape[0]
     width = min(components or (channels if clusters == "auto" else clusters), channels)
-    params = {"method": "minibatch-kmeans", "clusters": clusters, "components": width, "epochs": epochs, "seed": seed}
+    params = {"method": "kmeans-lloyd", "clusters": clusters, "components": width, "iterations": iterations, "seed": seed}
     fitted: dict = {}
+    predicted: dict[str, np.ndarray] = {}
 
-    def features(solved, item: str) -> np.ndarray:
-        return token_features(solved[item]["X"][...]) @ fitted["projection"]
+    def rows(item: str):
+        """One image's tokens (token, channel), read lazily from the store."""
+        solved, _ = by_item[item]
+        return token_rows(da.from_zarr(solved[item]["X"]))
 
-    def fit() -> None:
-        fitted["projection"] = dataset_projection((solved[item]["X"][...] for solved, _, item in everything), width)
-        k = clusters
-        if clusters == "auto":
-            rng = np.random.default_rng(seed)
-            share = max(1, SAMPLE_TOKENS // len(everything))
-            sample = np.concatenate([rng.permutation(features(solved, item))[:share] for solved, _, item in everything])
-            k, fitted["silhouettes"] = best_k(sample, seed=seed)
-        tokens = sum(int(np.prod(solved[item]["X"].shape[1:])) for solved, _, item in everything)
-        if k < 2 or tokens < k:
-            raise LdsError(f"cannot make {k} clusters of the {tokens} tokens of {len(everything)} images")
-        fitted["model"] = fit_dataset_kmeans(
-            lambda: batched_rows((features(solved, item) for solved, _, item in everything), BATCH_TOKENS), k, seed, epochs
-        )
+    def fit() -> dict:
+        """The dataset's projection and K-Means (run_stage calls this once, before the items, when the
+        artifact is to be made); what it returns joins the root attributes."""
+        tokens = [rows(item) for item in items]
+        projection = dataset_projection(da.concatenate(tokens), width)
+        model = fit_dataset_kmeans(da.concatenate([t @ projection for t in tokens]), clusters, seed, iterations)
+        fitted.update(projection=projection, model=model)
+        silhouettes = {"silhouettes": {str(k): v for k, v in model.silhouettes.items()}} if model.silhouettes else {}
+        return {**provenance(store, sources[0]), "clusters_chosen": len(model.centres), "kmeans_iterations": model.iterations, **silhouettes}
 
-    by_item = {item: (solved, images) for solved, images, item in everything}
+    def labels(item: str):
+        """The cluster of each token of one image (y, x), as a dask array."""
+        solved, _ = by_item[item]
+        return predict(rows(item) @ fitted["projection"], fitted["model"].centres).reshape(solved[item]["X"].shape[1:])
 
     def compute(item: str):
-        if not fitted:
-            fit()
-        solved, images = by_item[item]
-        shape = solved[item]["X"].shape[1:]
-        tokens = fitted["model"].predict(features(solved, item)).reshape(shape).astype(np.int32)
+        if item not in predicted:
+            batch = items[items.index(item) :][:PREDICT_IMAGES]
+            try:
+                predicted.update(zip(batch, dask.compute(*[labels(name) for name in batch])))
+            except Exception:  # a bad image fails alone, not its whole batch
+                predicted[item] = labels(item).compute()
+        tokens = predicted.pop(item)
+        _, images = by_item[item]
         pixels = upsample_labels(tokens, images[item]["rgb"].shape[:2])
         return {
             "semantic_tokens": ArraySpec(tokens, ("y", "x"), {"description": "dataset-level cluster per token"}),
@@ -74,14 +89,10 @@ def cluster(input_manifests, clusters, components, epochs, seed, store_root, man
         }, {}, {}
 
     def finish(writer):
-        if not fitted:  # every item was written by an interrupted run: refit to store the model
-            fit()
-        model = fitted["model"]
         writer.write_root({
-            "centroids": ArraySpec(model.cluster_centers_, ("cluster", "component"), {"description": "K-Means centres in the projected space"}),
+            "centroids": ArraySpec(fitted["model"].centres, ("cluster", "component"), {"description": "K-Means centres in the projected space"}),
             "projection": ArraySpec(fitted["projection"], ("channel", "component"), {"description": "V of the dataset's SVD: features = X tokens @ V"}),
         })
-        return {"clusters_chosen": int(model.n_clusters), **({"silhouettes": {str(k): v for k, v in fitted["silhouettes"].items()}} if "silhouettes" in fitted else {})}
 
-    items = [item for _, _, item in everything]
-    run_stage(store, "cluster", params, [s.key for s in sources], sources, items, compute, provenance(store, sources[0]), manifest, finish)
+    with scheduler(dask_scheduler):
+        run_stage(store, "cluster", params, [s.key for s in sources], sources, items, compute, fit, manifest, finish)

@@ -6,18 +6,19 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
 
-from pipeline.errors import LdsError
+from pipeline.errors import ItemError, LdsError, one_line
 from pipeline.hashing import artifact_key
 from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 
 # Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 2, "extract": 1, "solve": 3, "solve-dataset": 1, "decode": 2, "cluster": 1, "evaluate": 2}
+STAGE_VERSIONS = {"preprocess": 2, "extract": 1, "solve": 3, "solve-dataset": 1, "decode": 2, "cluster": 2, "evaluate": 2, "baseline": 1, "zeroshot": 1}
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 
@@ -31,7 +32,14 @@ store_option = click.option(
     "store_root",
     default=default_store_root,
     show_default="$LDS_CACHE or ./cache",
-    help="Folder of the artifact store.",
+    help="Folder or fsspec URL (s3://, gs://, memory://) of the artifact store.",
+)
+dask_scheduler_option = click.option(
+    "--dask-scheduler",
+    envvar="LDS_DASK_SCHEDULER",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the dask computations on the dask.distributed scheduler at ADDRESS (tcp://host:8786; workers must see the same store) [default: $LDS_DASK_SCHEDULER, else local threads].",
 )
 manifest_option = click.option(
     "--manifest",
@@ -72,7 +80,7 @@ def write_manifest(path: Path | None, store: Store, ref: ArtifactRef, params: di
     record = {
         "stage": ref.stage,
         "key": ref.key,
-        "path": str(store.path(ref)),
+        "path": store.path(ref),
         "params": params,
         "items": items,
     }
@@ -80,7 +88,7 @@ def write_manifest(path: Path | None, store: Store, ref: ArtifactRef, params: di
 
 
 # Stages whose artifacts stand in for another stage's downstream (the same item layout).
-STANDS_IN_FOR = {"solve-dataset": "solve"}
+STANDS_IN_FOR = {"solve-dataset": "solve", "baseline": "solve"}
 
 
 def upstream(store: Store, ref: ArtifactRef, stage: str) -> ArtifactRef:
@@ -103,6 +111,9 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
+FAILURE_LIMIT = 5  # a stage stops when its first this-many items all failed (something is wrong with every item)
+
+
 def run_stage(
     store: Store,
     stage: str,
@@ -119,28 +130,63 @@ def run_stage(
 
     ``compute_item(item)`` returns (arrays, item attributes, sub-group attributes). ``finish(writer)``
     may add whole-artifact arrays and returns extra root attributes. ``attrs`` may be a callable so
-    that its cost (loading a model, say) is paid only when there is work to do.
+    that its cost (loading a model, say) is paid only when there is work to do. An item that raises
+    (an ItemError, or any unexpected exception) is recorded as failed with its reason and the others go
+    on, while an LdsError about the input or environment stops the stage at once; the stage then stops without
+    publishing, and the next run computes only the failed (and never attempted) items.
     """
-    from tqdm import tqdm
-
     ref = ArtifactRef(stage, artifact_key(stage, STAGE_VERSIONS[stage], params, input_keys))
     if not store.exists(ref):
         with store.lock(ref):
             if not store.exists(ref):  # another process may have finished it while we waited
-                started = time.perf_counter()
-                root_attrs = {"params": params, **(attrs() if callable(attrs) else attrs)}
-                writer = store.writer(ref, root_attrs, inputs)
-                todo = [item for item in items if item not in writer.done]
-                if len(todo) < len(items):
-                    log(f"{stage}: resuming, {len(items) - len(todo)} of {len(items)} items already done")
-                for item in tqdm(todo, desc=stage, unit="image", disable=not sys.stderr.isatty()):
-                    arrays, item_attrs, group_attrs = compute_item(item)
-                    writer.write_item(item, arrays, item_attrs, group_attrs)
-                extra = finish(writer) if finish else None
-                path = writer.publish(items, extra)
-                log(f"{stage}: made {path} ({len(todo)} items in {time.perf_counter() - started:.1f}s)")
+                make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish)
                 write_manifest(manifest, store, ref, params, items)
                 return ref
     log(f"{stage}: cached {store.path(ref)}")
+    store.record("reused", ref, items=len(items))
     write_manifest(manifest, store, ref, params, items)
     return ref
+
+
+def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish) -> None:
+    """The uncached half of run_stage: compute the missing items, record each, publish when all are there."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    root_attrs = {"params": params, **(attrs() if callable(attrs) else attrs)}
+    writer = store.writer(ref, root_attrs, inputs)
+    done = writer.done & set(items)
+    todo = [item for item in items if item not in done]
+    if done:
+        log(f"{ref.stage}: resuming, {len(done)} of {len(items)} items already done")
+        store.record("resumed", ref, items=len(done))
+    failed: dict[str, str] = {}
+    for count, item in enumerate(tqdm(todo, desc=ref.stage, unit="image", disable=not sys.stderr.isatty()), 1):
+        item_started = time.perf_counter()
+        try:
+            arrays, item_attrs, group_attrs = compute_item(item)
+            written = writer.write_item(item, arrays, item_attrs, group_attrs)
+        except Exception as error:  # one bad image must not cost the others: record it and go on
+            if isinstance(error, LdsError) and not isinstance(error, ItemError):
+                raise  # the input or environment is wrong for every item: say so at once
+            failed[item] = reason = one_line(error)
+            store.record("failed", ref, item, error=reason, error_type=type(error).__name__)
+            log(f"{ref.stage}: {item} failed: {type(error).__name__}: {reason}")
+            if not isinstance(error, ItemError) and len(failed) == 1:
+                log(traceback.format_exc().rstrip())
+            if len(failed) == count == FAILURE_LIMIT:
+                raise LdsError(f"{ref.stage}: the first {count} items all failed, stopping (first: {todo[0]}: {failed[todo[0]]})") from None
+            continue
+        if written:
+            store.record("computed", ref, item, seconds=round(time.perf_counter() - item_started, 3))
+    if failed:
+        names = ", ".join(list(failed)[:5]) + (" ..." if len(failed) > 5 else "")
+        raise LdsError(
+            f"{ref.stage}: {len(failed)} of {len(items)} items failed ({names}); the {len(items) - len(failed)} others are "
+            "kept and a re-run retries only the failed ones (reasons: `lds summary`)"
+        )
+    extra = finish(writer) if finish else None
+    path = writer.publish(items, extra)
+    seconds = time.perf_counter() - started
+    store.record("published", ref, items=len(items), computed=len(todo), seconds=round(seconds, 3))
+    log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s)")

@@ -43,7 +43,7 @@ def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @input_option
 @click.option("--clusters", type=ClustersType(), default=6, show_default=True, help="K of K-Means per image, or 'auto' (2..10 by silhouette).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--instances/--no-instances", default=False, show_default=True, help="Also compute object proposals (METHOD.md section 5).")
+@click.option("--instances/--no-instances", default=False, show_default=True, help="Also compute object proposals (METHOD.md section 5); from `lds baseline`, its TokenCut / MaskCut masks.")
 @click.option("--coco-results", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the proposals as a COCO results json (original image coordinates, COCO image ids) here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one PNG per image here.")
 @store_option
@@ -60,7 +60,9 @@ def decode(input_manifest, clusters, seed, instances, coco_results, figures, sto
     solved = store.open(source)["items"]
     images = store.open(upstream(store, source, "preprocess"))["items"]
     proposal_params = ProposalParams(seed=seed)
-    params = {"method": "kmeans", "clusters": clusters, "seed": seed, "instances": asdict(proposal_params) if instances else None}
+    given = store.attrs(source).get("proposals_from")  # the input made its own proposals (lds baseline)
+    proposal_settings = {"from_input": given} if given else asdict(proposal_params)
+    params = {"method": "kmeans", "clusters": clusters, "seed": seed, "instances": proposal_settings if instances else None}
 
     def compute(item: str):
         x_ortho = solved[item]["X_ortho"][...]
@@ -74,10 +76,14 @@ def decode(input_manifest, clusters, seed, instances, coco_results, figures, sto
             "labels": ArraySpec(upsample_labels(tokens, size), ("y", "x"), {"description": "region per pixel of the preprocessed image"}),
         }
         if instances:
-            masks, scores = propose(x_ortho, proposal_params)
+            if given:
+                masks, scores = solved[item]["proposals"][...], solved[item]["proposal_scores"][...]
+            else:
+                masks, scores = propose(x_ortho, proposal_params)
             chunks = (max(len(masks), 1), *masks.shape[1:])
+            scored = f"{given} rank (1, then 1 - i / N)" if given else "balanced silhouette score"
             arrays["proposals"] = ArraySpec(masks, ("proposal", "y", "x"), {"description": "object proposals per token, best first"}, chunks=chunks)
-            arrays["proposal_scores"] = ArraySpec(scores, ("proposal",), {"description": "balanced silhouette score per proposal"}, chunks=chunks[:1])
+            arrays["proposal_scores"] = ArraySpec(scores, ("proposal",), {"description": f"{scored} per proposal"}, chunks=chunks[:1])
         return arrays, {"clusters": k}, {}
 
     model_attrs = provenance(store, source)

@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.data import IGNORE
 from pipeline.store import ArraySpec, Store
 from stages.common import (
-    manifest_option, provenance, read_manifest, run_stage, store_option, upstream, write_json_atomic,
+    dask_scheduler_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
+    write_json_atomic,
 )
 from stages.decode import model_caption, pixel_masks
+from stages.zeroshot import zeroshot_confusion
 
 XY_GRID = 32  # X-Y regression on a 32 x 32 lattice (METHOD.md section 6)
 CONTACT_SHEET_IMAGES = 16  # images on a contact sheet (the first ones of the dataset)
@@ -27,18 +28,19 @@ def named(values: list[float | None], classes: list[str] | None) -> dict[str, fl
 @click.command()
 @click.option("--input", "input_manifests", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path), help="Decode manifests (one per shard).")
 @click.option("--semantic", "semantic_manifest", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Manifest of `lds cluster` (dataset-level clusters) to score as the semantic segmentation.")
+@click.option("--zeroshot", "zeroshot_manifests", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifests of `lds zeroshot` (one per shard) to score as named classes, without matching.")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write contact-sheet.png here.")
+@dask_scheduler_option
 @store_option
 @manifest_option
-def evaluate(input_manifests, semantic_manifest, metrics_path, figures, store_root, manifest):
+def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_path, figures, dask_scheduler, store_root, manifest):
     """X-Y regression of X_ortho; where labels exist, oracle, per-image matched and dataset-level
-    semantic mIoU; where objects exist, class-agnostic COCO AP of the proposals."""
-    from pipeline.instances import coco_results
-    from pipeline.metrics import (
-        add_confusion, aligned_scores, coco_evaluate, confusion_matrix, instance_ground_truth, matched_scores,
-        oracle_labels, xy_regression,
-    )
+    semantic mIoU; where objects exist, class-agnostic COCO AP of the proposals. Each image is scored
+    by a dask task reading the store lazily, and the results are summed by a dask reduction."""
+    from pipeline.dask_compute import dask_scheduler as scheduler, tree_reduce
+    from pipeline.evaluation import image_totals, merge_totals
+    from pipeline.metrics import aligned_scores, coco_evaluate, matched_scores
 
     store = Store(store_root)
     sources = [read_manifest(path) for path in input_manifests]
@@ -50,32 +52,42 @@ def evaluate(input_manifests, semantic_manifest, metrics_path, figures, store_ro
         for ref in sources
     ]
     classes = store.attrs(upstream(store, sources[0], "preprocess")).get("classes")
-    inputs = sources + ([semantic_ref] if semantic_ref else [])
+    zeroshot_refs = [read_manifest(path) for path in zeroshot_manifests]
+    inputs = sources + ([semantic_ref] if semantic_ref else []) + zeroshot_refs
     results: dict = {}
 
+    def has_objects(decoded, images, item: str) -> bool:
+        return "instances" in images[item] and "proposals" in decoded[item]
+
+    def image_task(decoded, solved, images, item: str, image_id: int):
+        """One image's Totals as a dask.delayed over arrays read lazily from the store (image_id: its
+        COCO image id when it has objects)."""
+        import dask.array as da
+        from dask import delayed
+
+        def lazy(group, name: str):
+            return da.from_zarr(group[name]) if name in group else None
+
+        regions = decoded[item]["labels"]
+        objects = proposals = None
+        if has_objects(decoded, images, item):
+            objects = (image_id, lazy(images[item], "instances"), lazy(images[item], "instance_crowd"))
+            proposals = (delayed(pixel_masks)(lazy(decoded[item], "proposals"), regions.shape), lazy(decoded[item], "proposal_scores"))
+        clusters = None if semantic is None else lazy(semantic[item], "semantic")
+        return delayed(image_totals)(
+            lazy(solved[item], "X_ortho"), da.from_zarr(regions), XY_GRID, len(classes or ()), lazy(images[item], "labels"),
+            clusters, objects, proposals,
+        )
+
     def finish(writer):
-        xy, per_image, oracle, dataset = [], [], np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64)
-        truth_images, truth_objects, detections = [], [], []
+        tasks, coco_images = [], 0
         for decoded, solved, images, items in shards:
             for item in items:
-                xy.append(xy_regression(solved[item]["X_ortho"][...], XY_GRID))
-                regions = decoded[item]["labels"][...]
-                truth = images[item]["labels"][...] if "labels" in images[item] else None
-                labelled = None if truth is None else truth[(truth >= 0) & (truth != IGNORE)]
-                if labelled is not None and labelled.size:
-                    n = max(len(classes or ()), int(labelled.max()) + 1)
-                    per_image.append(matched_scores(confusion_matrix(truth, regions, n, int(regions.max()) + 1))["miou"])
-                    oracle = add_confusion(oracle, confusion_matrix(truth, oracle_labels(regions, truth), n, n))
-                    if semantic is not None:
-                        clusters = semantic[item]["semantic"][...]
-                        dataset = add_confusion(dataset, confusion_matrix(truth, clusters, n, int(clusters.max()) + 1))
-                if "instances" in images[item] and "proposals" in decoded[item]:
-                    image_id = len(truth_images)
-                    image, annotations = instance_ground_truth(image_id, images[item]["instances"][...], images[item]["instance_crowd"][...])
-                    truth_images.append(image)
-                    truth_objects += annotations
-                    masks = pixel_masks(decoded[item]["proposals"][...], regions.shape)
-                    detections += coco_results(masks, decoded[item]["proposal_scores"][...], image_id)
+                tasks.append(image_task(decoded, solved, images, item, coco_images))
+                coco_images += has_objects(decoded, images, item)
+        totals = tree_reduce(tasks, merge_totals).compute()
+        xy, per_image, oracle, dataset = totals.xy, totals.matched_miou, totals.oracle, totals.semantic
+        truth_images, truth_objects, detections = totals.truth_images, totals.truth_objects, totals.detections
         arrays = {
             "xy_r2": ArraySpec(np.array([v["r2"] for v in xy]), ("image",), {"description": "X-Y regression R² per image"}),
             "xy_error": ArraySpec(np.array([v["error"] for v in xy]), ("image",), {"description": "X-Y regression mean error per image (fraction of the side)"}),
@@ -111,15 +123,25 @@ def evaluate(input_manifests, semantic_manifest, metrics_path, figures, store_ro
                 "proposals_per_image": len(detections) / len(truth_images),
                 **{f"{prefix}_{name}": value for kind, prefix in (("bbox", "box"), ("segm", "mask")) for name, value in coco[kind].items()},
             })
+        zeroshot = zeroshot_confusion(store, zeroshot_refs, classes) if zeroshot_refs else None
+        if zeroshot is not None:
+            scores = aligned_scores(zeroshot)
+            results.update({
+                "zeroshot_miou": scores["miou"],
+                "zeroshot_pixel_accuracy": scores["pixel_accuracy"],
+                "zeroshot_iou_per_class": named(scores["iou_per_class"], classes),
+            })
+            arrays["zeroshot_confusion"] = ArraySpec(zeroshot, ("truth", "prediction"), {"description": "confusion of CLIP zero-shot labels over the dataset (last column: names the dataset lacks)"})
         writer.write_root(arrays)
         return {"metrics": results}
 
     model_attrs = provenance(store, sources[0])
-    ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
+    with scheduler(dask_scheduler):
+        ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
     metrics = store.attrs(ref)["metrics"]
     if metrics_path is not None:
         dataset_spec = store.attrs(upstream(store, sources[0], "preprocess")).get("dataset")
-        write_json_atomic(metrics_path, {**model_attrs, **metrics, "dataset_spec": dataset_spec, "artifact": str(store.path(ref))})
+        write_json_atomic(metrics_path, {**model_attrs, **metrics, "dataset_spec": dataset_spec, "artifact": store.path(ref)})
         click.echo(f"metrics: {metrics_path}", err=True)
     if figures is not None:
         from pipeline.figures import ImageView, save_contact_sheet

@@ -27,11 +27,16 @@ DIMS = ("head", "y", "x", "dim")
 @click.option("--max-resolution", type=click.IntRange(1), default=None, help="Dataset mode: keep only layers whose grid is this or coarser (32).")
 @click.option("--upsample-to", type=click.IntRange(1), default=None, help="Resize every layer's Q/K/V maps bicubically to this many tokens per side (MAE at 224: 28, the CLIP / DINO grid at 448).")
 @click.option("--concat-heads", is_flag=True, help="Dataset mode: the heads of a layer concatenated into one vector per token (stored as one head).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N: where the model runs; not part of the artifact key.")
 @store_option
 @manifest_option
-def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_timestep, max_resolution, upsample_to, concat_heads, store_root, manifest):
+def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_timestep, max_resolution, upsample_to, concat_heads, device, store_root, manifest):
     """Store Q, K, V (head, y, x, dim) of every attention layer of MODEL for each image; for Stable
-    Diffusion (timestep, head, y, x, dim) of every UNet self-attention layer."""
+    Diffusion (timestep, head, y, x, dim) of every UNet self-attention layer. The device is recorded per
+    image, not in the artifact key: CPU and GPU give the same arrays up to float error."""
+    from pipeline.solver import resolve_device
+
+    on = resolve_device(device)  # a missing GPU stops the stage before any work
     store = Store(store_root)
     source = read_manifest(input_manifest)
     spec = get_spec(model_name)
@@ -50,12 +55,18 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
     def model():
         from pipeline.models.build import build_model
 
-        return build_model(spec, weights, seed, cache_dir=store.root / "weights")
+        return build_model(spec, weights, seed, cache_dir=store.local_folder("weights")).to(on)
+
+    def loaded_provenance() -> dict:
+        """The artifact's model attributes, once the model is loaded: a model that cannot be built
+        stops the stage before any image instead of failing each one."""
+        model()
+        return provenance
 
     def attention(item: str, rgb):
         from pipeline.extract import extract_attention, image_tensor
 
-        image = image_tensor(rgb, spec.mean, spec.std)
+        image = image_tensor(rgb, spec.mean, spec.std).to(on)
         if diffusion:
             import numpy as np
 
@@ -104,7 +115,7 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
             group_attrs[f"layers/{layer.name}"] = attrs
         finest = max((layer.grid for layer in layers), key=lambda g: g[0] * g[1])
         pixels = rgb.shape[0] // finest[0]  # per token of the finest grid (a ViT's patch size)
-        item_attrs = {"grid": list(finest), "patch_size": pixels, "image_size": list(rgb.shape[:2])}
+        item_attrs = {"grid": list(finest), "patch_size": pixels, "image_size": list(rgb.shape[:2]), "device": on}
         item_attrs |= {"timesteps": list(layers[0].timesteps)} if diffusion else {}
         return arrays, item_attrs, group_attrs
 
@@ -116,6 +127,6 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
         inputs=[source],
         items=list(store.attrs(source)["items"]),
         compute_item=compute,
-        attrs=provenance,
+        attrs=loaded_provenance,
         manifest=manifest,
     )

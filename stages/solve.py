@@ -73,15 +73,17 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
     params = {"solver": solver, "channels": channels, "graphs": asdict(options)}
     if solver == "adam":
         params |= {key: value for key, value in asdict(settings).items() if key not in ("device", "graphs")}
+    from pipeline.solver import resolve_device
+
+    on = resolve_device(device)
     store = Store(store_root)
     source = read_manifest(input_manifest)
     images = store.open(source)["items"]
 
     def compute(item: str):
-        from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, resolve_device, solve_adam, solve_exact
+        from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
 
         layer_sets = read_layer_sets(images[item])
-        on = resolve_device(device)
         every_layer = [layer for layers in layer_sets for layer in layers]
         u = None
         if solver == "exact" or init == "exact":

@@ -9,7 +9,7 @@ run resumes from it, and it is removed once every shard's artifact is published.
 
 from __future__ import annotations
 
-import os
+import io
 import sys
 from dataclasses import asdict
 from functools import cache
@@ -58,13 +58,21 @@ def read_operands(image, layers: list[str], graph: str, resolution: int, item: s
     return operands
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write the solver state to a temporary file, then rename it over ``path`` in one step."""
+def save_checkpoint(store: Store, state: dict, name: str) -> None:
+    """Write the solver state into the store, whole or not at all."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.rename(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    store.write_file(name, buffer.getvalue())
+
+
+def load_checkpoint(store: Store, name: str) -> dict | None:
+    """The solver state saved under ``name``, or None when there is none."""
+    import torch
+
+    data = store.read_file(name)
+    return None if data is None else torch.load(io.BytesIO(data), weights_only=True)
 
 
 @click.command("solve-dataset")
@@ -86,11 +94,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iterations, epochs, lr, intra, inter,
                   threshold, seed, device, store_root, manifests):
     """Solve for one X per image over all shards at once, on sparse kNN graphs across each batch of images."""
-    import torch
-
     from pipeline.dataset_solver import (
         DatasetSolver, DatasetSolverParams, coarse_layers, dataset_orthogonalise, operand_names,
     )
+    from pipeline.solver import resolve_device
 
     store = Store(store_root)
     sources = [read_manifest(path) for path in input_manifests]
@@ -109,16 +116,14 @@ def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iter
     model = provenance(store, sources[0])
     if any(provenance(store, source) != model for source in sources[1:]):
         raise LdsError("the inputs come from different models; solve each model's shards separately")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LdsError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    device = resolve_device(device)
 
     settings = DatasetSolverParams(graph=graph, channels=channels, resolution=resolution, batch_size=batch_size,
                                    iterations=iterations, epochs=epochs, lr=lr, intra=intra, inter=inter,
                                    threshold=threshold, seed=seed)
     params = asdict(settings)
     joint = ArtifactRef(STAGE, artifact_key(STAGE, STAGE_VERSIONS[STAGE], params, [s.key for s in sources]))
-    checkpoint = store.root / STAGE / f"{joint.key}.checkpoint.pt"
+    checkpoint = f"{STAGE}/{joint.key}.checkpoint.pt"
     location = [(groups[shard], item) for shard, names in enumerate(shard_items) for item in names]
     index = {item: i for i, item in enumerate(items)}
 
@@ -141,10 +146,11 @@ def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iter
     def solved() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         solver = DatasetSolver(len(items), settings, device)
         with store.lock(joint):
-            if checkpoint.is_file():
-                solver.load_state_dict(torch.load(checkpoint, weights_only=True))
-                log(f"{STAGE}: resuming at epoch {solver.epoch} of {epochs} from {checkpoint}")
-            solver.train(load_batch, lambda s: save_checkpoint(s.state_dict(), checkpoint), sys.stderr.isatty())
+            state = load_checkpoint(store, checkpoint)
+            if state is not None:
+                solver.load_state_dict(state)
+                log(f"{STAGE}: resuming at epoch {solver.epoch} of {epochs} from {store.root}/{checkpoint}")
+            solver.train(load_batch, lambda s: save_checkpoint(store, s.state_dict(), checkpoint), sys.stderr.isatty())
         x = solver.solution()
         return x, dataset_orthogonalise(x), np.array(solver.losses, dtype=np.float32)
 
@@ -157,10 +163,16 @@ def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iter
         }
         return arrays, {"layers": layers}, {}
 
+    def trained_attrs() -> dict:
+        """The artifact's attributes, after the joint training: it runs once, before any item, and only
+        when a shard is to be made (a failure stops the stage instead of failing every item)."""
+        solved()
+        return model
+
     def finish(writer):
         writer.write_root({"losses": ArraySpec(solved()[2], ("epoch", "batch"), {"description": "loss at the last iteration of each batch"})})
         return {"dataset_inputs": [s.as_dict() for s in sources], "dataset_images": len(items)}
 
     for source, names, manifest in zip(sources, shard_items, manifests or [None] * len(sources)):
-        run_stage(store, STAGE, params, [joint.key, source.key], [source], names, compute, model, manifest, finish)
-    checkpoint.unlink(missing_ok=True)
+        run_stage(store, STAGE, params, [joint.key, source.key], [source], names, compute, trained_attrs, manifest, finish)
+    store.delete_file(checkpoint)

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.store import ArtifactRef, Store
+from stages.common import read_manifest
 from stages.cli import cli
 
 DATASET = "synthetic-shapes:4"
@@ -132,8 +133,11 @@ def test_unreadable_image_is_named_and_the_store_keeps_the_good_ones(tmp_path):
     assert result.exit_code != 0 and f"cannot read image {photos / 'b.png'}" in result.output
     store = Store(tmp_path / "store")
     assert store.artifacts() == []  # nothing half-made was published
-    partial = store.partials()[0]
+    partial = Path(store.partial_path(store.partials()[0]))
     assert (partial / "items" / "a" / "zarr.json").is_file()  # the good image is kept for the re-run
+    assert "1 of 2 items failed (b)" in result.output
+    [failure] = [r for r in store.records() if r["event"] == "failed"]
+    assert failure["item"] == "b" and "cannot read image" in failure["error"]
 
 
 def test_unknown_model_and_missing_weights(tmp_path):
@@ -243,3 +247,22 @@ def test_extract_upsamples_token_maps_on_request(chain, tmp_path):
     extract = Store(store_root).open(ArtifactRef("extract", json.loads((tmp_path / "e.json").read_text())["key"]))
     assert extract["items/shapes-0000/layers/block00/q"].shape == (4, 12, 12, 16)
     assert extract["items/shapes-0000/layers/block00"].attrs["resolution"] == [12, 12]
+
+
+def test_the_chain_runs_on_an_fsspec_memory_store_and_matches_a_local_one(chain, tmp_path):
+    local_store, local = chain
+    url = f"memory://lds-{tmp_path.name}"
+    remote = run_chain(url, tmp_path / "results")
+    for stage in ("preprocess", "extract", "solve", "decode", "evaluate"):
+        assert read_manifest(remote[stage]) == read_manifest(local[stage])  # same content address anywhere
+    store = Store(url)
+    assert json.loads(remote["decode"].read_text())["path"].startswith("memory://")
+    ref = read_manifest(remote["solve"])
+    assert store.verify(ref) == []
+    here, there = Store(local_store).open(ref), store.open(ref)
+    item = store.attrs(ref)["items"][0]
+    assert np.array_equal(here[f"items/{item}/X_ortho"][...], there[f"items/{item}/X_ortho"][...])
+    metrics = [json.loads(path.read_text()) for path in (tmp_path / "results/metrics.json", local["evaluate"].parent / "metrics.json")]
+    assert [{k: v for k, v in m.items() if k != "artifact"} for m in metrics] == [{k: v for k, v in metrics[1].items() if k != "artifact"}] * 2
+    assert {r["event"] for r in store.records()} >= {"computed", "published"}
+    assert not any(r["event"] == "failed" for r in store.records())

@@ -237,10 +237,11 @@ def test_planted_clusters_are_recovered_consistently_across_images():
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    from stages.solve_dataset import save_checkpoint
+    from stages.solve_dataset import load_checkpoint, save_checkpoint
 
     data, _ = planted_dataset(6, seed=1)
     params = replace(PLANTED, epochs=2)
+    store = Store(f"memory://checkpoints-{tmp_path.name}")  # checkpoints live in the store, wherever it is
 
     def load(rows, draw):
         return [data[r] for r in rows]
@@ -252,13 +253,13 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
         pass
 
     def save_then_die(solver):
-        save_checkpoint(solver.state_dict(), tmp_path / "state.pt")
+        save_checkpoint(store, solver.state_dict(), "state.pt")
         raise Killed
 
     with pytest.raises(Killed):
         DatasetSolver(6, params).train(load, save_then_die)
     resumed = DatasetSolver(6, params)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed.load_state_dict(load_checkpoint(store, "state.pt"))
     assert resumed.epoch == 1 and len(resumed.losses) == 1
     resumed.train(load)
     for name in ("logits", "exp_avg", "exp_avg_sq", "steps", "ema"):
@@ -303,7 +304,7 @@ def fake_shards(store: Store, shards: int = 2, per_shard: int = 2) -> list[Artif
 
 
 def write_manifest(path: Path, store: Store, ref: ArtifactRef) -> Path:
-    path.write_text(json.dumps({"stage": ref.stage, "key": ref.key, "path": str(store.path(ref))}))
+    path.write_text(json.dumps({"stage": ref.stage, "key": ref.key, "path": store.path(ref)}))
     return path
 
 
@@ -340,7 +341,7 @@ def test_solve_dataset_cli_writes_one_artifact_per_shard_that_decode_and_evaluat
             x, x_ortho = group[f"items/{item}/X"][...], group[f"items/{item}/X_ortho"][...]
             assert x.shape == x_ortho.shape == (4, 4, 4)
             np.testing.assert_allclose(x.sum(0), 1, rtol=1e-5)
-    assert not list((store.root / "solve-dataset").glob("*.checkpoint.pt"))  # removed once published
+    assert not list((Path(store.root) / "solve-dataset").glob("*.checkpoint.pt"))  # removed once published
 
     again = lds("solve-dataset", "--input", inputs[0], "--input", inputs[1], *SOLVE_ARGS, *common)
     assert again.exit_code == 0 and again.output.count("cached") == 2
@@ -370,8 +371,8 @@ def test_solve_dataset_cli_resumes_a_killed_run_from_its_checkpoint(tmp_path, mo
 
     original = stage.save_checkpoint
 
-    def save_then_die(state, path):
-        original(state, path)
+    def save_then_die(store, state, name):
+        original(store, state, name)
         raise Killed
 
     store = Store(tmp_path / "store")
@@ -379,7 +380,7 @@ def test_solve_dataset_cli_resumes_a_killed_run_from_its_checkpoint(tmp_path, mo
     monkeypatch.setattr(stage, "save_checkpoint", save_then_die)
     killed = run(store, inputs)
     assert isinstance(killed.exception, Killed)
-    assert len(list((store.root / "solve-dataset").glob("*.checkpoint.pt"))) == 1
+    assert len(list((Path(store.root) / "solve-dataset").glob("*.checkpoint.pt"))) == 1
     assert not [ref for ref in store.artifacts() if ref.stage == "solve-dataset"]
     monkeypatch.setattr(stage, "save_checkpoint", original)
     resumed = run(store, inputs, "--manifest", tmp_path / "resumed.json", "--manifest", tmp_path / "resumed1.json")

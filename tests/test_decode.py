@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.decode import (
-    batched_rows, best_k, dataset_projection, fit_dataset_kmeans, kmeans_auto, kmeans_labels, token_features,
-)
+from pipeline.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
+from pipeline.decode import best_k, kmeans_auto, kmeans_labels, token_features
 from pipeline.instances import (
     ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
     filter_proposals, nms, propose, ward_proposals,
@@ -59,6 +58,9 @@ def test_auto_k_picks_the_planted_number_of_regions():
 
 
 def test_dataset_kmeans_gives_one_cluster_id_per_class_across_images():
+    import dask
+    import dask.array as da
+
     # four images share class means, but each shows them in different places and proportions
     rng = np.random.default_rng(2)
     means = rng.normal(size=(3, 6)) * 3
@@ -69,27 +71,26 @@ def test_dataset_kmeans_gives_one_cluster_id_per_class_across_images():
         truth[8 - index :, 9:] = 2
         images.append(np.moveaxis(means[truth] + rng.normal(size=(12, 15, 6)) * 0.5, -1, 0))
         truths.append(truth)
-    projection = dataset_projection(iter(images), 4)
-    assert projection.shape == (6, 4)
-    np.testing.assert_allclose(projection.T @ projection, np.eye(4), atol=1e-9)
-    rows = [token_features(x) @ projection for x in images]
-    model = fit_dataset_kmeans(lambda: batched_rows(iter(rows), 200), 3, seed=0)
-    predicted = [model.predict(r).reshape(12, 15) for r in rows]
+    rows = [token_rows(da.from_array(x)) for x in images]
+    with dask.config.set(scheduler="sync"):
+        projection = dataset_projection(da.concatenate(rows), 4)
+        assert projection.shape == (6, 4)
+        np.testing.assert_allclose(projection.T @ projection, np.eye(4), atol=1e-9)
+        model = fit_dataset_kmeans(da.concatenate([r @ projection for r in rows]), 3, seed=0, sample_size=100)
+        predicted = [predict(r @ projection, model.centres).compute().reshape(12, 15) for r in rows]
+    assert model.centres.shape == (3, 4) and 1 <= model.iterations < 100
     total = sum(confusion_matrix(t, p, 3, 3) for t, p in zip(truths, predicted))
     assert matched_scores(total)["miou"] > 0.95
 
 
 def test_dataset_projection_matches_the_svd_of_the_stacked_tokens():
+    import dask.array as da
+
     images = [np.random.default_rng(i).normal(size=(5, 4, 6)) for i in range(3)]
     stacked = np.concatenate([token_features(x) for x in images])
     u, s, vt = np.linalg.svd(stacked, full_matrices=False)
-    projected = stacked @ dataset_projection(iter(images), 3)
+    projected = stacked @ dataset_projection(da.concatenate([token_rows(da.from_array(x)) for x in images]), 3)
     np.testing.assert_allclose(np.abs(projected), np.abs(u[:, :3] * s[:3]), atol=1e-9)  # U S up to sign
-
-
-def test_batched_rows_concatenates_until_the_minimum():
-    blocks = [np.full((n, 2), n) for n in (3, 4, 10, 2)]
-    assert [len(b) for b in batched_rows(iter(blocks), 6)] == [7, 10, 2]
 
 
 # ------------------------------------------------------------------------------------------- instances

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention, attention_modules, extract_attention, image_tensor
+from pipeline.extract import LayerAttention, attention_modules, extract_attention, image_tensor, to_numpy
 from pipeline.models import get_spec
 from pipeline.models.build import build_model
+from pipeline.store import ArtifactRef, Store
+from stages.cli import cli
 
 PATCH = 16
 HEADS, HEAD_DIM, DEPTH = 4, 16, 4  # tiny-vit: width 64, 4 heads, 4 layers
@@ -197,3 +202,43 @@ def test_upsample_layer_resizes_maps_bicubically_and_keeps_smooth_maps():
     assert np.all(np.diff(big.q[0, :, 3, 0]) > 0) and np.all(np.diff(big.q[0, 3, :, 1]) > 0)
     assert big.q[..., 0].mean() == pytest.approx(0.5, abs=1e-5)
     assert upsample_layer(layer, (4, 4)) is layer
+
+
+
+def test_to_numpy_gives_host_float32_from_any_dtype():
+    """Every extractor converts captured projections through to_numpy, on the CPU as on a GPU."""
+    half = torch.linspace(-1, 1, 6, dtype=torch.float16, requires_grad=True).reshape(2, 3)
+    out = to_numpy(half)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, half.detach().numpy().astype(np.float32))
+
+
+def lds(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_device_cpu_gives_the_default_artifact_and_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch):
+    """The device is not part of the key; each image records it. A missing GPU stops before any work."""
+    runs = {}
+    for label, extra in [("default", []), ("cpu", ["--device", "cpu"])]:
+        store, pre, manifest = tmp_path / label, tmp_path / f"{label}-pre.json", tmp_path / f"{label}.json"
+        assert lds("preprocess", "--dataset", "synthetic-shapes:2", "--size", 64, "--store", store, "--manifest", pre).exit_code == 0
+        result = lds("extract", "--input", pre, "--model", "tiny-vit", *extra, "--store", store, "--manifest", manifest)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        key = json.loads(manifest.read_text())["key"]
+        runs[label] = (key, Store(store).open(ArtifactRef("extract", key)))
+    (key, default), (cpu_key, cpu) = runs["default"], runs["cpu"]
+    assert cpu_key == key
+    for item in ("shapes-0000", "shapes-0001"):
+        assert cpu[f"items/{item}"].attrs["device"] == "cpu"
+        for part in "qkv":
+            name = f"items/{item}/layers/block03/{part}"
+            np.testing.assert_array_equal(cpu[name][...], default[name][...])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    for device, message in [("cuda", "--device cuda: no CUDA device is available here"),
+                            ("cuda:1", "--device cuda:1: no CUDA device is available here"),
+                            ("gpu", "--device gpu: expected auto, cpu, cuda or cuda:N")]:
+        refused = lds("extract", "--input", tmp_path / "cpu-pre.json", "--model", "tiny-vit", "--device", device,
+                      "--store", tmp_path / "new", "--manifest", tmp_path / "new.json")
+        assert refused.exit_code == 1 and message in refused.output and refused.output.count("\n") == 1
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new.json").exists()

@@ -53,8 +53,8 @@ def test_publish_is_atomic_and_self_describing(tmp_path):
     assert not store.exists(ref)  # nothing visible before publish
     writer.write_item("img1", _arrays(2.0))
     writer.publish(["img0", "img1"])
-    assert store.exists(ref) and not store.partial_path(ref).exists()
-    group = zarr.open_group(str(store.path(ref)), mode="r")
+    assert store.exists(ref) and not Path(store.partial_path(ref)).exists()
+    group = zarr.open_group(store.path(ref), mode="r")
     assert group.attrs["complete"] is True
     assert group.attrs["inputs"] == [{"stage": "extract", "key": "k0"}]
     array = group["items/img1/x"]
@@ -88,7 +88,7 @@ def test_verify_detects_a_corrupted_chunk(tmp_path):
     writer = store.writer(ref, {}, [])
     writer.write_item("img0", _arrays(1.0))
     writer.publish(["img0"])
-    chunk = next(p for p in (store.path(ref) / "items/img0/x").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in (Path(store.path(ref)) / "items/img0/x").rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -103,7 +103,7 @@ def test_verify_detects_a_missing_item(tmp_path):
     writer.publish(["img0"])
     import shutil
 
-    shutil.rmtree(store.path(ref) / "items" / "img0")
+    shutil.rmtree(Path(store.path(ref)) / "items" / "img0")
     assert any("img0" in problem for problem in store.verify(ref))
 
 
@@ -142,5 +142,25 @@ def test_two_processes_asking_for_one_key_do_not_corrupt_it(tmp_path):
     assert store.verify(ref) == []
     values = {float(store.open(ref)[f"items/img{i}/x"][0, 0]) for i in range(5)}
     assert len(values) == 1  # every item from the same writer
-    assert json.loads((store.path(ref) / "zarr.json").read_text())["attributes"]["complete"] is True
+    assert json.loads((Path(store.path(ref)) / "zarr.json").read_text())["attributes"]["complete"] is True
     assert not any(Path(tmp_path, "solve").glob("*.partial"))
+
+
+def test_an_fsspec_memory_store_publishes_resumes_verifies_and_removes(tmp_path):
+    store = Store(f"memory://store-{tmp_path.name}")
+    ref = ArtifactRef("solve", "k1")
+    copied: list[str] = []
+    copy = store.fs.copy
+    store.fs.copy = lambda source, target, **kw: (copied.append(target), copy(source, target, **kw))[1]
+    store.writer(ref, {}, []).write_item("img0", _arrays(1.0))
+    assert copied[-1].endswith("items/img0/zarr.json")  # an item's metadata lands last: it is whole once seen
+    assert store.partials() == [ref] and not store.exists(ref)
+    writer = store.writer(ref, {}, [])  # a second run resumes
+    assert writer.done == {"img0"}
+    writer.write_item("img1", _arrays(2.0))
+    location = writer.publish(["img0", "img1"])
+    assert copied[-1].endswith("solve/k1.zarr/zarr.json")
+    assert location.startswith("memory://") and store.artifacts() == [ref] and store.partials() == []
+    assert store.verify(ref) == [] and float(store.open(ref)["items/img1/x"][0, 0]) == 2.0
+    store.remove(ref)
+    assert store.artifacts() == [] and not store.exists(ref)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import LdsError
+from pipeline.errors import ItemError, LdsError
 from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
 
 IGNORE = 255  # label value of pixels that no metric counts (unlabelled, void, object boundaries)
@@ -130,9 +130,9 @@ def open_image(path: Path):
             image.load()
             return image.copy()
     except FileNotFoundError:
-        raise LdsError(f"cannot read image {path}: file not found") from None
+        raise ItemError(f"cannot read image {path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise LdsError(f"cannot read image {path}: not a readable image ({error})") from None
+        raise ItemError(f"cannot read image {path}: not a readable image ({error})") from None
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.base import FileImage, Sample, read_rgb, require, require_files, split_root
-from pipeline.errors import LdsError
+from pipeline.errors import ItemError, LdsError
 from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
 
 SPLITS = ("val2017", "train2017")
@@ -86,7 +86,7 @@ class CocoImage:
         try:
             image = sha256_file(self.path)
         except OSError as error:
-            raise LdsError(f"cannot read image {self.path}: {error.strerror}") from None
+            raise ItemError(f"cannot read image {self.path}: {error.strerror}") from None
         return sha256_bytes(canonical_json([image, "coco-instances", self._anns()]).encode())
 
     def load(self) -> Sample:

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import LdsError
+from pipeline.errors import LdsError, one_line
 from pipeline.models import ModelSpec
-from pipeline.models.hub import one_line, weights_unavailable
+from pipeline.models.hub import weights_unavailable
 
 # Stable Diffusion's training schedule (scheduler/scheduler_config.json of the 1.x and 2.x repos)
 SD_SCHEDULE = {
@@ -35,6 +35,12 @@ class StableDiffusion:
     vae: torch.nn.Module
     scheduler: Any  # a diffusers scheduler: add_noise over the training schedule
     prompt_embedding: torch.Tensor  # (1, tokens, width): text encoder output for the empty prompt
+
+    def to(self, device: str | torch.device) -> StableDiffusion:
+        """The UNet, VAE and prompt embedding moved to ``device`` (as ``torch.nn.Module.to``): self."""
+        self.unet, self.vae = self.unet.to(device), self.vae.to(device)
+        self.prompt_embedding = self.prompt_embedding.to(device)
+        return self
 
 
 def empty_prompt_ids(tokenizer, text_config) -> torch.Tensor:

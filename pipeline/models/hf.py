@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import LdsError
+from pipeline.errors import LdsError, one_line
 from pipeline.models import ModelSpec
-from pipeline.models.hub import load_state, one_line, weights_unavailable
+from pipeline.models.hub import load_state, weights_unavailable
 
 # transformers model_type -> the class whose attention lds reads
 ARCHITECTURES = {

@@ -7,13 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import LdsError
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, shortened."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from pipeline.errors import LdsError, one_line
 
 
 def hub_cache() -> str:

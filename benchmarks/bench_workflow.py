@@ -1,0 +1,145 @@
+"""Images per hour per stage of the whole Snakemake DAG, and its scaling from --cores 1 to --cores 2 (issue 6).
+
+For each model (default: ``tiny-vit`` and ``vit-s16-random``, both RANDOM weights, short side 448, so
+28 x 28 tokens; ViT-S/16 is 12 layers x 6 heads) and each core count, the workflow runs on
+``synthetic-shapes:N`` (sharded, ``--per-shard`` images per shard) in a fresh folder with a fresh
+store, so nothing is cached. Each rule has a Snakemake ``benchmark:`` file (seconds and peak memory per
+job); a stage's images per hour are its images over the seconds of its jobs summed (one job slot: a
+process start, model build and every image of a shard), and over the seconds the stages log themselves
+("made ... (N items in S s)": model build and images, without the process start and imports); the
+run's images per hour come from its wall time. Jobs of one stage overlap under --cores 2, so their summed seconds grow when they share the
+cores; the wall time shows what the parallel shards gain. The load average before and after each run
+is reported: other work on the machine slows every number.
+
+    python benchmarks/bench_workflow.py                        # 12 images, 4 shards, both models
+    lds bench workflow -- --images 8 --models tiny-vit --cores 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = "shapes"
+STAGES = ("preprocess", "extract", "solve", "decode", "evaluate")
+MADE = re.compile(r"^(\S+): made \S.* \((\d+) items in ([0-9.]+)s\)$", re.MULTILINE)
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def workflow_config(images: int, per_shard: int, model: str, solver: str, steps: int) -> dict:
+    return {
+        "store": "store",
+        "results": "results",
+        "datasets": {DATASET: {"spec": f"synthetic-shapes:{images}", "images_per_shard": per_shard}},
+        "models": [model],
+        "solve": {"solver": solver, "steps": steps},
+        "decode": {"clusters": 6, "instances": True},
+    }
+
+
+def stage_seconds(results: Path, model: str) -> dict[str, list[float]]:
+    """Seconds of every job of each stage, from the rules' benchmark TSVs."""
+    root = results / "benchmarks" / DATASET / model
+    seconds: dict[str, list[float]] = {}
+    for path in sorted(root.rglob("*.tsv")):
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        seconds.setdefault(path.stem, []).extend(float(row["s"]) for row in rows)
+    return seconds
+
+
+def logged_seconds(log: str) -> dict[str, float]:
+    """Seconds each stage reports in its "made" lines, summed over its jobs."""
+    seconds: dict[str, float] = {}
+    for stage, _, spent in MADE.findall(log):
+        seconds[stage] = seconds.get(stage, 0.0) + float(spent)
+    return seconds
+
+
+def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps: int, keep: Path | None) -> dict:
+    """One fresh workflow run; its wall time and every stage's job seconds."""
+    with tempfile.TemporaryDirectory(prefix=f"lds-bench-{model}-{cores}-") as scratch:
+        workdir = keep / f"{model}-cores{cores}" if keep else Path(scratch)
+        if (workdir / "results").exists():
+            sys.exit(f"{workdir} holds an earlier run; give --keep an empty folder")
+        (workdir / "config").mkdir(parents=True, exist_ok=True)
+        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(workflow_config(images, per_shard, model, solver, steps)))
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
+        before = load()
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"LDS_CACHE": str(workdir / "store")})
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
+        return {"model": model, "cores": cores, "images": images, "wall_s": wall, "load_before": before,
+                "load_after": load(), "stages": stage_seconds(workdir / "results", model), "logged": logged_seconds(done.stderr)}
+
+
+def per_hour(images: int, seconds: float) -> str:
+    return f"{images * 3600 / seconds:,.0f}" if seconds > 0 else "-"
+
+
+def markdown(runs: list[dict], cores: list[int]) -> str:
+    """One table: per model, a row per stage (job and in-stage seconds summed, images per hour) and the whole run."""
+    header = ["model", "stage"] + [f"{what}, --cores {c}" for c in cores for what in ("jobs: s, images/h", "in stage: s, images/h")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by = {(r["model"], r["cores"]): r for r in runs}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        first = by[model, cores[0]]
+        for stage in [s for s in STAGES if s in first["stages"]]:
+            cells = []
+            for c in cores:
+                for seconds in (sum(by[model, c]["stages"].get(stage, [])), by[model, c]["logged"].get(stage, 0.0)):
+                    cells.append(f"{seconds:.1f} s, {per_hour(first['images'], seconds)}")
+            jobs = len(first["stages"][stage])
+            lines.append(f"| {model} | {stage} ({jobs} job{'s' * (jobs > 1)}) | " + " | ".join(cells) + " |")
+        cells = []
+        for c in cores:
+            cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(first['images'], by[model, c]['wall_s'])}", ""]
+        speedups = ", ".join(f"--cores {c}: {first['wall_s'] / by[model, c]['wall_s']:.2f}x" for c in cores[1:])
+        lines.append(f"| {model} | **whole run** (speed-up {speedups}) | " + " | ".join(cells) + " |")
+    loads = "; ".join(f"{r['model']} --cores {r['cores']}: {r['load_before']} -> {r['load_after']}" for r in runs)
+    return "\n".join(lines) + f"\n\nLoad average (1 / 5 / 15 min) before -> after each run: {loads}.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=12, help="synthetic-shapes images")
+    parser.add_argument("--per-shard", type=int, default=3, help="images per shard")
+    parser.add_argument("--models", default="tiny-vit,vit-s16-random", help="comma-separated `lds models` names")
+    parser.add_argument("--cores", default="1,2", help="comma-separated --cores values; speed-ups are against the first")
+    parser.add_argument("--solver", choices=["exact", "adam"], default="exact")
+    parser.add_argument("--steps", type=int, default=1000, help="Adam steps")
+    parser.add_argument("--keep", type=Path, default=None, help="run in DIR/<model>-cores<N> and keep it (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench/workflow.md"))
+    args = parser.parse_args()
+    cores = [int(c) for c in args.cores.split(",")]
+    runs = []
+    for model in args.models.split(","):
+        for c in cores:
+            runs.append(run(args.images, args.per_shard, model, c, args.solver, args.steps, args.keep))
+            print(f"{model} --cores {c}: {runs[-1]['wall_s']:.1f} s (load {runs[-1]['load_after']})", file=sys.stderr)
+    table = markdown(runs, cores)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    args.out.with_suffix(".json").write_text(json.dumps(runs, indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`lds baseline`: TokenCut / MaskCut on ONE affinity of one attention layer, per image, as an artifact
+that stands in for a solve artifact (`lds decode` and `lds evaluate` read it unchanged)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from pipeline.baselines import AFFINITIES, DEFAULT_EIGENVECTORS, DEFAULT_MASKS, METHODS, BaselineParams
+from pipeline.solver_params import GraphOptions
+from pipeline.store import ArraySpec, Store
+from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option
+
+
+@click.command()
+@input_option
+@click.option("--method", type=click.Choice(METHODS), default="tokencut", show_default=True, help="tokencut: one normalised cut, one foreground mask; maskcut: N cuts, the found tokens masked out after each.")
+@click.option("--affinity", type=click.Choice(AFFINITIES), default="features", show_default=True, help="features: cosine similarity of the layer's keys, binarised at --tau; attention: the layer's key-query attention, symmetrised, mean over heads.")
+@click.option("--layer", default="-1", show_default=True, help="The attention layer: a name (block11) or an index (-1: the last).")
+@click.option("--eigenvectors", type=click.IntRange(1), default=None, help="m, eigenvectors stored as X  [default: tokencut 8, maskcut 15].")
+@click.option("--masks", type=click.IntRange(1), default=None, help="MaskCut's N, masks per image  [default: 3; tokencut: 1].")
+@click.option("--tau", type=float, default=0.2, show_default=True, help="Binarisation threshold of the features affinity.")
+@store_option
+@manifest_option
+def baseline(input_manifest, method, affinity, layer, eigenvectors, masks, tau, store_root, manifest):
+    """Normalised-cut eigenvectors (as X and X_ortho) and TokenCut / MaskCut masks (as proposals) of one
+    layer's affinity graph, per image."""
+    if method == "tokencut" and masks not in (None, 1):
+        raise click.UsageError("--masks is MaskCut's N; tokencut makes one mask")
+    settings = BaselineParams(
+        method, affinity, eigenvectors or DEFAULT_EIGENVECTORS[method], masks or DEFAULT_MASKS[method], tau,
+    )
+    params = {"layer": layer, **asdict(settings)}
+    store = Store(store_root)
+    source = read_manifest(input_manifest)
+    images = store.open(source)["items"]
+
+    def compute(item: str):
+        from pipeline.baselines import run_baseline
+        from pipeline.graphs import select
+        from stages.solve import read_layer_sets
+
+        layers = read_layer_sets(images[item])[0]  # Stable Diffusion: the first stored timestep
+        (chosen,) = select(layers, GraphOptions(layers=(layer,)))
+        result = run_baseline(chosen, settings)
+        chunks = (max(len(result.masks), 1), *result.masks.shape[1:])
+        arrays = {
+            "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": f"normalised-cut eigenvectors of {chosen.name}'s {affinity} affinity, smallest eigenvalue first (the constant one left out)"}),
+            "X_ortho": ArraySpec(result.x, ("component", "y", "x"), {"description": "the same eigenvectors (already D-orthonormal)"}),
+            "eigenvalues": ArraySpec(result.eigenvalues, ("channel",), {"description": "eigenvalues λ of (D - W) x = λ D x"}),
+            "proposals": ArraySpec(result.masks, ("proposal", "y", "x"), {"description": f"{method} masks per token, in the order found"}, chunks=chunks),
+            "proposal_scores": ArraySpec(result.scores, ("proposal",), {"description": "1 for the first mask, then 1 - i / N (rank, not confidence)"}, chunks=chunks[:1]),
+        }
+        return arrays, {"layer": chosen.name, "grid": list(chosen.grid)}, {}
+
+    run_stage(
+        store,
+        "baseline",
+        params,
+        input_keys=[source.key],
+        inputs=[source],
+        items=list(store.attrs(source)["items"]),
+        compute_item=compute,
+        attrs=provenance(store, source) | {"proposals_from": method},
+        manifest=manifest,
+    )

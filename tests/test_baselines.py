@@ -1,0 +1,137 @@
+"""TokenCut / MaskCut baselines on planted affinities with known normalised cuts, and `lds baseline`
+read unchanged by `lds decode` and `lds evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+from click.testing import CliRunner
+
+from pipeline.baselines import (
+    BaselineParams, attention_affinity, feature_affinity, foreground, maskcut, ncut_eigenvectors, run_baseline,
+)
+from pipeline.extract import LayerAttention
+from stages.cli import cli
+
+HEIGHT, WIDTH = 12, 14
+
+
+def planted_objects(seed: int = 0, noise: float = 0.3) -> tuple[LayerAttention, np.ndarray]:
+    """Background 0 and three separate objects of different sizes, none at a corner: one head whose key
+    features are the region's own axis plus noise; returns the layer and the true regions."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((HEIGHT, WIDTH), dtype=np.int64)
+    truth[2:5, 2:6] = 1
+    truth[7:11, 3:6] = 2
+    truth[3:9, 9:13] = 3
+    keys = np.eye(8)[truth] * 3 + rng.normal(size=(HEIGHT, WIDTH, 8)) * noise
+    return LayerAttention("block00", keys[None], keys[None], keys[None], 0.5), truth
+
+
+def test_eigenvectors_solve_the_generalised_problem_as_scipy_and_the_normalised_laplacian():
+    rng = np.random.default_rng(1)
+    w = rng.uniform(0.01, 1, size=(30, 30))
+    w = (w + w.T) / 2
+    values, vectors = ncut_eigenvectors(w, 5)
+    d = np.diag(w.sum(1))
+    reference_values, reference = scipy.linalg.eigh(d - w, d)
+    np.testing.assert_allclose(values, reference_values[1:6], atol=1e-10)
+    np.testing.assert_allclose(np.abs(vectors.T @ d @ reference[:, 1:6]), np.eye(5), atol=1e-8)  # same up to sign
+    # independently: x = D^-1/2 y for the eigenvectors y of the symmetric normalised Laplacian
+    root = np.sqrt(w.sum(1))
+    laplacian_values, y = np.linalg.eigh(np.eye(30) - w / np.outer(root, root))
+    np.testing.assert_allclose(values, laplacian_values[1:6], atol=1e-10)
+    np.testing.assert_allclose(np.abs(vectors.T @ d @ (y[:, 1:6] / root[:, None])), np.eye(5), atol=1e-8)
+    np.testing.assert_allclose(vectors.T @ d @ vectors, np.eye(5), atol=1e-10)  # D-orthonormal
+
+
+def test_two_region_cut_is_recovered_exactly_and_the_smaller_side_is_foreground():
+    truth = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    truth[3:8, 4:10] = True  # 30 of 168 tokens
+    rng = np.random.default_rng(2)
+    flat = truth.ravel()
+    w = np.where(flat[:, None] == flat[None, :], 1.0, 0.05) + rng.uniform(0, 0.02, (flat.size, flat.size))
+    w = (w + w.T) / 2
+    _, vectors = ncut_eigenvectors(w, 1)
+    for sign in (1, -1):  # whatever sign the solver returns
+        np.testing.assert_array_equal(foreground(sign * vectors[:, 0], truth.shape, corner_rule=False), truth)
+
+
+def test_corner_rule_turns_a_background_foreground_over():
+    # the larger |value| lies on the background's side, which holds all four corners
+    vector = np.where(np.pad(np.ones((4, 4), bool), 3), 0.4, -1.0).ravel()
+    plain = foreground(vector, (10, 10), corner_rule=False)
+    assert plain.sum() == 84 and plain[0, 0]
+    turned = foreground(vector, (10, 10), corner_rule=True)
+    np.testing.assert_array_equal(turned, np.pad(np.ones((4, 4), bool), 3))
+
+
+def test_feature_affinity_is_binarised_cosine_similarity():
+    features = np.array([[1.0, 0], [2, 0.1], [0, 1], [0, 0]])
+    w = feature_affinity(features, 0.2, 1e-5)
+    expected = np.array([[1, 1, 1e-5, 1e-5], [1, 1, 1e-5, 1e-5], [1e-5, 1e-5, 1, 1e-5], [1e-5] * 4])
+    np.testing.assert_array_equal(w, expected)
+
+
+def test_attention_affinity_is_the_mean_symmetrised_softmax():
+    rng = np.random.default_rng(3)
+    q, k = rng.normal(size=(2, 3, 4, 5, 6))
+    layer = LayerAttention("block00", q, k, k, 0.4)
+    logits = np.einsum("hyxd,hvud->hyxvu", q, k).reshape(3, 20, 20) * 0.4
+    attention = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(attention_affinity(layer), ((attention + attention.transpose(0, 2, 1)) / 2).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("affinity", ["features", "attention"])
+def test_maskcut_finds_the_planted_objects(affinity):
+    layer, truth = planted_objects()
+    result = run_baseline(layer, BaselineParams("maskcut", affinity, 15, 3))
+    found = {next(c for c in (1, 2, 3) if (mask == (truth == c)).all()) for mask in result.masks if any((mask == (truth == c)).all() for c in (1, 2, 3))}
+    assert found == {1, 2, 3} and len(result.masks) == 3
+    np.testing.assert_allclose(result.scores, [1, 2 / 3, 1 / 3])
+    assert result.x.shape == (15, HEIGHT, WIDTH) and np.all(np.diff(result.eigenvalues) >= 0)
+
+
+def test_maskcut_drops_a_repeated_mask_and_tokencut_makes_one():
+    layer, truth = planted_objects(seed=4)
+    params = BaselineParams("maskcut", "features", 4, 5)
+    masks = maskcut(np.where(truth.ravel()[:, None] == truth.ravel()[None, :], 1.0, 1e-5), truth.shape, params)
+    assert len(masks) == 5 and not masks[-1].any()  # four regions: nothing left for a fifth mask
+    assert not np.any(np.sum(masks, axis=0) > 1)  # masks never share a token
+    tokencut = run_baseline(layer, BaselineParams("tokencut", "features", 8, 1))
+    assert len(tokencut.masks) == 1 and tokencut.x.shape == (8, HEIGHT, WIDTH)
+    assert any((tokencut.masks[0] == (truth == c)).all() for c in (1, 2, 3))
+
+
+def lds(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_baseline_round_trip_through_decode_and_evaluate(tmp_path):
+    store = ["--store", tmp_path / "store"]
+    m = {name: tmp_path / f"{name}.json" for name in ("preprocess", "extract", "baseline", "decode", "evaluate")}
+    lds("preprocess", "--dataset", "synthetic-shapes:2", "--size", 96, "--shard-size", 2, *store, "--manifest", m["preprocess"])
+    lds("extract", "--input", m["preprocess"], "--model", "tiny-vit", *store, "--manifest", m["extract"])
+    lds("baseline", "--input", m["extract"], "--method", "maskcut", "--eigenvectors", 5, *store, "--manifest", m["baseline"])
+    lds("decode", "--input", m["baseline"], "--clusters", 3, "--instances", "--coco-results", tmp_path / "instances.json", *store, "--manifest", m["decode"])
+    lds("evaluate", "--input", m["decode"], "--metrics", tmp_path / "metrics.json", *store, "--manifest", m["evaluate"])
+    import zarr
+
+    baseline = zarr.open_group(json.loads(m["baseline"].read_text())["path"], mode="r")
+    decoded = zarr.open_group(json.loads(m["decode"].read_text())["path"], mode="r")
+    assert baseline.attrs["pretrained"] is False and baseline.attrs["proposals_from"] == "maskcut"
+    item = "shapes-0000"
+    assert baseline[f"items/{item}/X"].shape == (5, 6, 6) and baseline[f"items/{item}"].attrs["layer"] == "block03"
+    np.testing.assert_array_equal(decoded[f"items/{item}/proposals"][...], baseline[f"items/{item}/proposals"][...])
+    assert 1 <= baseline[f"items/{item}/proposals"].shape[0] <= 3
+    results = json.loads((tmp_path / "instances.json").read_text())
+    assert {round(r["score"], 6) for r in results} <= {1.0, round(2 / 3, 6), round(1 / 3, 6)}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["images"] == 2 and 0 <= metrics["mask_ar100"] <= 1 and metrics["proposals_per_image"] <= 3
+    refused = CliRunner().invoke(cli, ["baseline", "--input", str(m["extract"]), "--masks", "2", *map(str, store)])
+    assert refused.exit_code != 0 and "tokencut makes one mask" in refused.output

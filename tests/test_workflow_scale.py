@@ -1,0 +1,117 @@
+"""Scaling the Snakemake DAG out: the SLURM profile's dry-run, threads and resources per rule, extract
+options from the config, and the dataset-level solver in place of the per-image one (issue 6)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+CONFIG = {
+    "store": "store",
+    "results": "results",
+    "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
+    "models": ["tiny-vit"],
+    "preprocess": {"size": 96},
+    "solve": {"solver": "exact", "channels": 4},
+    "decode": {"clusters": 3},
+}
+# The dataset-level protocol in miniature: 6 x 6 tokens, heads concatenated, a few epochs.
+DATASET_LEVEL = {
+    **CONFIG,
+    "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2},
+                 "more-shapes": {"spec": "synthetic-shapes:3", "images_per_shard": 1}},
+    "preprocess": {"mode": "center-crop", "size": 96},
+    "extract": {"max_resolution": 6, "concat_heads": True},
+    "solve": {"level": "dataset"},
+    "solve_dataset": {"channels": 4, "resolution": 6, "batch_size": 2, "epochs": 2, "intra": 5, "inter": 5, "lr": 0.1},
+    "decode": {"clusters": 3, "dataset_clusters": 3},
+}
+
+
+def snakemake(workdir: Path, config: dict, *extra: str) -> subprocess.CompletedProcess:
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *extra], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return run
+
+
+def dry_run(workdir: Path, config: dict, *extra: str) -> dict[str, list[str]]:
+    """Each job of a dry-run with its shell command: {rule: [job text, ...]}."""
+    log = snakemake(workdir, config, "--dry-run", "--printshellcmds", *extra).stdout
+    jobs: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=\[[^\n]*\]\n(?:local)?rule )", log):
+        match = re.search(r"^(?:local)?rule (\S+):$", block, re.MULTILINE)
+        if match:
+            jobs.setdefault(match.group(1), []).append(block)
+    return jobs
+
+
+def field(job: str, name: str) -> str:
+    """One `name: value` line of a job in the dry-run (empty when absent)."""
+    match = re.search(rf"^\s+{name}: (.*)$", job, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def test_slurm_profile_dry_run_validates_without_a_cluster(tmp_path):
+    jobs = dry_run(tmp_path, CONFIG, "--profile", str(REPO / "profiles" / "slurm"))
+    assert {rule: len(blocks) for rule, blocks in jobs.items()} == {
+        "preprocess": 2, "extract": 2, "solve": 2, "decode": 2, "evaluate": 1, "report": 1, "all": 1,
+    }
+    extract, evaluate = jobs["extract"][0], jobs["evaluate"][0]
+    assert "slurm_partition=CHANGE-ME" in field(extract, "resources") and "runtime=240" in field(extract, "resources")
+    assert "mem_mb=4000" in field(extract, "resources") and "runtime=120" in field(evaluate, "resources")
+    assert "gpu=" not in "".join(field(job, "resources") for blocks in jobs.values() for job in blocks)
+
+
+def test_threads_gpu_and_extract_options_follow_the_config(tmp_path):
+    config = {**CONFIG, "threads": {"shard": 2, "dataset": 1}, "solve": {**CONFIG["solve"], "device": "cuda"},
+              "extract": {"max_resolution": 32, "concat_heads": True, "dtype": "float32"}}
+    jobs = dry_run(tmp_path, config, "--cores", "4")
+    assert field(jobs["extract"][0], "threads") == "2" and field(jobs["evaluate"][0], "threads") == ""
+    assert "gpu=1" in field(jobs["solve"][0], "resources") and "gpu=" not in field(jobs["extract"][0], "resources")
+    assert "--device cuda" in jobs["solve"][0]
+    assert "--dtype float32 --timesteps 5 --max-timestep 250 --max-resolution 32 --concat-heads" in jobs["extract"][0]
+    plain = dry_run(tmp_path / "plain", CONFIG, "--cores", "1")
+    assert "--max-resolution" not in plain["extract"][0] and "--concat-heads" not in plain["extract"][0]
+
+
+def test_extract_device_cuda_asks_for_a_gpu_on_the_extract_jobs_only(tmp_path):
+    config = {**CONFIG, "extract": {"device": "cuda"}, "solve": {**CONFIG["solve"], "device": "cpu"}}
+    jobs = dry_run(tmp_path, config, "--cores", "2")
+    assert all("gpu=1" in field(job, "resources") and "--device cuda" in job for job in jobs["extract"])
+    assert "gpu=" not in field(jobs["solve"][0], "resources") and "--device cpu" in jobs["solve"][0]
+    plain = dry_run(tmp_path / "plain", CONFIG, "--cores", "1")
+    assert "gpu=" not in field(plain["extract"][0], "resources") and "--device auto" in plain["extract"][0]
+
+
+def test_dataset_level_dry_run_has_one_solver_job_per_dataset_over_all_shards(tmp_path):
+    jobs = dry_run(tmp_path, DATASET_LEVEL, "--cores", "2")
+    assert "solve" not in jobs and len(jobs["solve_dataset_shapes"]) == len(jobs["solve_dataset_more-shapes"]) == 1
+    assert len(jobs["decode"]) == 5 and len(jobs["cluster"]) == 2
+    job = jobs["solve_dataset_more-shapes"][0]
+    shards = [f"results/more-shapes/tiny-vit/shard-{i}" for i in range(3)]
+    assert " ".join(f"--input '{s}/extract.json'" for s in shards) in job
+    assert " ".join(f"--manifest '{s}/solve.json'" for s in shards) in job
+    assert "--resolution 6 --batch-size 2 --iterations 5 --epochs 2" in job
+
+
+def test_dataset_level_run_feeds_decode_cluster_and_evaluate_and_writes_benchmarks(tmp_path):
+    config = {**DATASET_LEVEL, "datasets": {"shapes": DATASET_LEVEL["datasets"]["shapes"]}}
+    snakemake(tmp_path, config, "--cores", "2")
+    run = tmp_path / "results" / "shapes" / "tiny-vit"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["images"] == 4 and 0 <= metrics["semantic_miou"] <= 1
+    solved = [json.loads((run / f"shard-{i}" / "solve.json").read_text()) for i in range(2)]
+    assert [s["stage"] for s in solved] == ["solve-dataset"] * 2 and [s["items"] for s in solved] == [["shapes-0000", "shapes-0001"], ["shapes-0002", "shapes-0003"]]
+    bench = tmp_path / "results" / "benchmarks" / "shapes" / "tiny-vit"
+    tables = sorted(str(p.relative_to(bench)) for p in bench.rglob("*.tsv"))
+    assert tables == ["cluster.tsv", "evaluate.tsv", "shard-0/decode.tsv", "shard-0/extract.tsv", "shard-0/preprocess.tsv",
+                      "shard-1/decode.tsv", "shard-1/extract.tsv", "shard-1/preprocess.tsv", "solve-dataset.tsv"]
+    assert float((bench / "solve-dataset.tsv").read_text().splitlines()[1].split("\t")[0]) > 0
