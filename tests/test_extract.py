@@ -135,19 +135,12 @@ def test_qk_softmax_equals_the_models_own_attention_over_patch_tokens(model, ima
         np.testing.assert_allclose(predicted, out[:, 1:], rtol=1e-3, atol=1e-4)
 
 
-def test_pretrained_spec_offline_without_cache_raises_a_clear_error(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    # huggingface_hub reads these at import time; make sure the already-imported module sees them too
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+def test_pretrained_spec_offline_without_cache_raises_a_clear_error(offline_hub):
     with pytest.raises(LdsError) as error:
         build_model(get_spec("dino-vits16"))
     message = str(error.value)
     assert "dino-vits16" in message
-    assert "--weights" in message and str(tmp_path) in message
+    assert "--weights" in message and str(offline_hub) in message
     assert "\n" not in message
 
 

@@ -167,17 +167,12 @@ def test_weights_folder_loads_back_with_identical_qkv(spec, image, tmp_path):
         build_model(spec, weights=tmp_path / "unet" / "config.json")
 
 
-def test_stable_diffusion_offline_without_cache_raises_one_clear_line(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at import time: patch the module too
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+def test_stable_diffusion_offline_without_cache_raises_one_clear_line(offline_hub):
     with pytest.raises(LdsError) as error:
         build_model(get_spec("sd15"))
     message = str(error.value)
     assert "sd15" in message and "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
-    assert str(tmp_path) in message and "HF_HUB_OFFLINE=1" in message and "--weights FOLDER" in message
+    assert str(offline_hub) in message and "HF_HUB_OFFLINE=1" in message and "--weights FOLDER" in message
     assert "\n" not in message
 
 

@@ -129,19 +129,13 @@ def test_a_folder_of_another_architecture_is_refused(tmp_path):
         build_model(get_spec("tiny-hf-vit"), weights=tmp_path)
 
 
-def test_hub_model_offline_without_cache_raises_one_clear_line(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at import time: patch the module too
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+def test_hub_model_offline_without_cache_raises_one_clear_line(offline_hub):
     spec = get_spec("hf:facebook/dino-vits16")
     assert spec.family == "hf" and spec.pretrained and spec.patch_size == 16 and spec.repo_id == "facebook/dino-vits16"
     with pytest.raises(LdsError) as error:
         build_model(spec)
     message = str(error.value)
-    assert "hf:facebook/dino-vits16" in message and str(tmp_path) in message
+    assert "hf:facebook/dino-vits16" in message and str(offline_hub) in message
     assert "HF_HUB_OFFLINE=1" in message and "--weights FOLDER" in message
     assert "\n" not in message
 

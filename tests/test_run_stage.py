@@ -71,15 +71,16 @@ def test_summary_counts_each_run_and_lists_failures_until_they_are_computed(tmp_
     _run(store, ["a", "b", "c"], broken=set())
 
     first = summarise(store.records("first"))
-    assert first["stages"][0] | {"seconds_per_item": None} == {"stage": "preprocess", "computed": 2, "reused": 0, "resumed": 0, "failed": 1, "seconds_per_item": None}
+    assert first["stages"][0] | {"seconds_per_item": None, "seconds": 0} == {
+        "stage": "preprocess", "made": 0, "computed": 2, "reused": 0, "resumed": 0, "failed": 1, "seconds_per_item": None, "seconds": 0}
     assert [(f["item"], f["error"]) for f in first["failed"]] == [("b", "disk hiccup reading b")]
     second = summarise(store.records("second"))["stages"][0]
-    assert (second["computed"], second["resumed"], second["reused"], second["failed"]) == (1, 2, 3, 0)
+    assert (second["made"], second["computed"], second["resumed"], second["reused"], second["failed"]) == (1, 1, 2, 3, 0)
     assert summarise(store.records())["failed"] == []  # b was computed after it failed
 
     result = CliRunner().invoke(cli, ["summary", "--run", "first", "--store", str(tmp_path), "--output", str(tmp_path / "s.md")])
     assert result.exit_code == 0, result.output
-    assert "| preprocess | 2 | 0 | 0 | 1 |" in result.output and "- preprocess b" in result.output
+    assert "| preprocess | 0 | 2 | 0 | 0 | 1 |" in result.output and "- preprocess b" in result.output
     assert (tmp_path / "s.json").is_file() and "disk hiccup" in (tmp_path / "s.md").read_text()
     latest = CliRunner().invoke(cli, ["summary", "--store", str(tmp_path)])
     assert "# lds run second" in latest.output

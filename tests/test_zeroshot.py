@@ -151,15 +151,9 @@ def test_zeroshot_round_trip_on_a_tiny_random_clip(tiny_clip, tmp_path):
     assert refused.exit_code != 0 and "not a known CLIP model" in refused.output
 
 
-def test_hub_clip_offline_without_cache_raises_one_clear_line(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hub_constants
-
+def test_hub_clip_offline_without_cache_raises_one_clear_line(offline_hub):
     from pipeline.models.clip import load_clip
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(LdsError) as error:
         load_clip("openai/clip-vit-base-patch16", None)
     message = str(error.value)
