@@ -34,6 +34,15 @@ wildcard_constraints:
     model="[^/]+",
     shard="[0-9]+",
 
+# A model's result folder: its name with '/' as '--' (hf:facebook/dino-vits16 -> hf:facebook--dino-vits16).
+MODELS = {model.replace("/", "--"): model for model in config["models"]}
+
+
+def model_spec(wildcards):
+    """The registry entry of the model a job's `model` wildcard (a result folder name) stands for."""
+    return get_spec(MODELS[wildcards.model])
+
+
 IMAGES = {name: len(list_images(d["spec"])) for name, d in config["datasets"].items()}
 SHARDS = {name: num_shards(IMAGES[name], d["images_per_shard"]) for name, d in config["datasets"].items()}
 
@@ -42,7 +51,7 @@ def mem_mb(vit: int, diffusion: int | None = None):
     """A mem_mb resource: ``vit`` MB (Stable Diffusion models: ``diffusion`` MB), doubled on each retry."""
 
     def resource(wildcards, attempt: int) -> int:
-        large = diffusion is not None and get_spec(wildcards.model).family == "diffusers"
+        large = diffusion is not None and model_spec(wildcards).family == "diffusers"
         return (diffusion if large else vit) * 2 ** (attempt - 1)
 
     return resource
@@ -70,7 +79,7 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
-RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=config["models"])
+RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS))
 REPORT = [RESULTS + f"/{name}" for name in ("index.html", "metrics.json", "metrics.csv", "metrics.md")]
 
 
@@ -101,9 +110,9 @@ rule preprocess:
     params:
         spec=lambda w: config["datasets"][w.dataset]["spec"],
         per=lambda w: config["datasets"][w.dataset]["images_per_shard"],
-        size=lambda w: config["preprocess"]["size"] or get_spec(w.model).image_size,
-        mode=lambda w: get_spec(w.model).preprocess_mode or config["preprocess"]["mode"],
-        multiple=lambda w: get_spec(w.model).patch_size,
+        size=lambda w: config["preprocess"]["size"] or model_spec(w).image_size,
+        mode=lambda w: model_spec(w).preprocess_mode or config["preprocess"]["mode"],
+        multiple=lambda w: model_spec(w).patch_size,
     threads: THREADS["shard"]
     resources:
         mem_mb=mem_mb(2000),
@@ -121,6 +130,7 @@ rule extract:
     output:
         SHARD + "/extract.json",
     params:
+        model=lambda w: MODELS[w.model],
         options=extract_options(),
     threads: THREADS["shard"]
     resources:
@@ -129,7 +139,7 @@ rule extract:
     benchmark:
         BENCH + "/shard-{shard}/extract.tsv"
     shell:
-        "{LDS} extract --input {input:q} --model {wildcards.model:q} {params.options}"
+        "{LDS} extract --input {input:q} --model {params.model:q} {params.options}"
         " --store {STORE:q} --manifest {output:q}"
 
 

@@ -15,12 +15,13 @@ from stages.decode import model_caption
 
 
 def read_run(path: Path) -> dict:
-    """A run's metrics.json, named by its folders: <results>/<dataset>/<model>/metrics.json."""
+    """A run's metrics.json, <results>/<dataset>/<model folder>/metrics.json: the dataset named by its folder,
+    the model by the name it records (a folder spells a hub name's "/" as "--")."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise LdsError(f"cannot read metrics {path} ({error})") from None
-    return {**metrics, "dataset": path.parent.parent.name, "model": path.parent.name}
+    return {**metrics, "dataset": path.parent.parent.name, "model": metrics.get("model", path.parent.name)}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

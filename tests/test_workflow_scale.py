@@ -91,6 +91,14 @@ def test_extract_device_cuda_asks_for_a_gpu_on_the_extract_jobs_only(tmp_path):
     assert "gpu=" not in field(plain["extract"][0], "resources") and "--device auto" in plain["extract"][0]
 
 
+def test_a_hub_model_name_with_a_slash_gets_its_own_result_folder(tmp_path):
+    config = {**CONFIG, "models": ["tiny-vit", "hf:facebook/dino-vits16"]}
+    jobs = dry_run(tmp_path, config, "--cores", "1")
+    hub = [job for job in jobs["extract"] if "hf:facebook--dino-vits16/shard-" in field(job, "output")]
+    assert len(hub) == 2 and all("--model hf:facebook/dino-vits16" in job for job in hub)
+    assert len(jobs["evaluate"]) == 2 and len(jobs["extract"]) == 4
+
+
 def test_dataset_level_dry_run_has_one_solver_job_per_dataset_over_all_shards(tmp_path):
     jobs = dry_run(tmp_path, DATASET_LEVEL, "--cores", "2")
     assert "solve" not in jobs and len(jobs["solve_dataset_shapes"]) == len(jobs["solve_dataset_more-shapes"]) == 1
