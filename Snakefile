@@ -1,14 +1,17 @@
-# lds workflow: preprocess -> extract -> solve -> decode -> evaluate, per dataset x model, sharded.
+# lds workflow: preprocess -> extract -> solve -> decode -> evaluate, per dataset x model, sharded; optionally
+# the TokenCut / MaskCut baselines (extract -> baseline -> decode -> evaluate) and CLIP zero-shot labels.
 # Each rule calls one `lds` stage; the stage finds its artifact in the content-addressed store when
 # nothing relevant changed, so re-running a rule is cheap. Snakemake tracks the small JSON manifests.
 import os
+import shlex
 import sys
 import time
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from pipeline.data import list_images, num_shards
-from pipeline.models import get_spec
+from pipeline.data import num_shards, open_dataset
+from pipeline.models import default_clip_repo, get_spec
 
 configfile: "config/config.yaml"
 validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
@@ -22,6 +25,10 @@ LDS = f'"{sys.executable}" -m stages'
 RUN = RESULTS + "/{dataset}/{model}"
 SHARD = RUN + "/shard-{shard}"
 BENCH = RESULTS + "/benchmarks/{dataset}/{model}"  # Snakemake's benchmark: TSVs (seconds, peak memory) per job
+# A baseline's run: its own folder beside the model's (results/shapes/tiny-vit+maskcut), read by `lds report` as a run.
+BASELINE_RUN = RESULTS + "/{dataset}/{model}+{baseline}"
+BASELINE_SHARD = BASELINE_RUN + "/shard-{shard}"
+BASELINE_BENCH = RESULTS + "/benchmarks/{dataset}/{model}+{baseline}"
 DECODE = config["decode"]
 SOLVE = config["solve"]
 THREADS = config["threads"]
@@ -31,11 +38,14 @@ EXTRACT_GPU = {"gpu": 1} if config["extract"]["device"] == "cuda" else {}
 
 wildcard_constraints:
     dataset="[^/]+",
-    model="[^/]+",
+    model="[^/+]+",
+    baseline="tokencut|maskcut",
     shard="[0-9]+",
 
 # A model's result folder: its name with '/' as '--' (hf:facebook/dino-vits16 -> hf:facebook--dino-vits16).
 MODELS = {model.replace("/", "--"): model for model in config["models"]}
+if any("+" in folder for folder in MODELS):
+    raise WorkflowError("a model name in the config holds '+', which the workflow keeps for baseline runs (<model>+maskcut)")
 
 
 def model_spec(wildcards):
@@ -43,7 +53,8 @@ def model_spec(wildcards):
     return get_spec(MODELS[wildcards.model])
 
 
-IMAGES = {name: len(list_images(d["spec"])) for name, d in config["datasets"].items()}
+DATASETS = {name: open_dataset(d["spec"]) for name, d in config["datasets"].items()}
+IMAGES = {name: len(dataset.records) for name, dataset in DATASETS.items()}
 SHARDS = {name: num_shards(IMAGES[name], d["images_per_shard"]) for name, d in config["datasets"].items()}
 
 
@@ -66,20 +77,90 @@ def extract_options() -> str:
     return line + (" --concat-heads" if options["concat_heads"] else "") + f" --device {options['device']}"
 
 
-def shard_manifests(wildcards, stage="decode"):
+def baseline_options(method: str) -> str:
+    """`lds baseline` options from the config's `baseline_options` (MaskCut's N only for maskcut)."""
+    options = config["baseline_options"]
+    line = f"--method {method} --affinity {options['affinity']} --layer={shlex.quote(str(options['layer']))} --tau {options['tau']}"
+    if options["eigenvectors"]:
+        line += f" --eigenvectors {options['eigenvectors']}"
+    return line + (f" --masks {options['masks']}" if method == "maskcut" else "")
+
+
+def zeroshot_clips() -> dict[str, str]:
+    """The `lds zeroshot` CLIP option of every model folder that gets zero-shot labels ('' for a CLIP
+    model's own, which the stage finds); the models without a CLIP text tower are left out, said once."""
+    options = config["zeroshot"]
+    if not options["enabled"]:
+        return {}
+    for key in ("clip", "weights"):
+        unknown = set(options[key]) - set(config["models"])
+        if unknown:
+            raise WorkflowError(f"config zeroshot.{key} names {', '.join(sorted(unknown))}, not among `models`")
+    clips = {}
+    for folder, model in MODELS.items():
+        if model in options["weights"]:
+            clips[folder] = f"--weights {shlex.quote(options['weights'][model])}"
+        elif model in options["clip"]:
+            clips[folder] = f"--clip {shlex.quote(options['clip'][model])}"
+        elif default_clip_repo(get_spec(model).provenance()):
+            clips[folder] = ""
+        else:
+            print(f"lds: no zero-shot labels for model {model}: it is not a CLIP model (no text tower); "
+                  f"name its CLIP under zeroshot.clip or zeroshot.weights", file=sys.stderr)
+    return clips
+
+
+def zeroshot_datasets() -> set[str]:
+    """The datasets whose zero-shot labels can be scored: those naming their classes, the others said once."""
+    if not config["zeroshot"]["enabled"]:
+        return set()
+    for name in sorted(n for n, dataset in DATASETS.items() if not dataset.classes):
+        print(f"lds: no zero-shot labels for dataset {name}: it names no classes to score them against", file=sys.stderr)
+    return {name for name, dataset in DATASETS.items() if dataset.classes}
+
+
+ZEROSHOT_CLIPS = zeroshot_clips()
+ZEROSHOT_DATASETS = zeroshot_datasets()
+
+
+def shard_manifests(wildcards, stage: str = "decode", pattern: str = SHARD) -> list[str]:
+    """Every shard's ``stage`` manifest of a run (``pattern``: the run's shard folder, SHARD or BASELINE_SHARD)."""
     count = SHARDS[wildcards.dataset]
-    return expand(SHARD + f"/{stage}.json", shard=range(count), allow_missing=True)
+    return expand(pattern + f"/{stage}.json", shard=range(count), allow_missing=True)
 
 
 def evaluate_inputs(wildcards):
-    """Every shard's decode manifest, and the dataset-level clusters when the config asks for them."""
+    """Every shard's decode manifest, the dataset-level clusters when the config asks for them, and
+    every shard's zero-shot labels for the CLIP models on datasets that name their classes."""
     inputs = {"decode": shard_manifests(wildcards)}
     if DECODE.get("dataset_clusters"):
         inputs["semantic"] = expand(RUN + "/cluster.json", **wildcards)
+    if wildcards.model in ZEROSHOT_CLIPS and wildcards.dataset in ZEROSHOT_DATASETS:
+        inputs["zeroshot"] = shard_manifests(wildcards, "zeroshot")
     return inputs
 
 
-RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS))
+def baseline_evaluate_inputs(wildcards):
+    """A baseline run's evaluate inputs: its shards' decode manifests and, when asked for, its clusters."""
+    inputs = {"decode": shard_manifests(wildcards, pattern=BASELINE_SHARD)}
+    if DECODE.get("dataset_clusters"):
+        inputs["semantic"] = expand(BASELINE_RUN + "/cluster.json", **wildcards)
+    return inputs
+
+
+def decode_outputs(shard: str) -> dict[str, str]:
+    """decode's outputs in a shard folder: its manifest and, with `decode.instances`, the COCO results json."""
+    return {"manifest": shard + "/decode.json", **({"proposals": shard + "/instances.json"} if DECODE.get("instances") else {})}
+
+
+def evaluate_outputs(run: str) -> dict[str, str]:
+    """evaluate's outputs in a run folder: its manifest, metrics.json and the contact sheet."""
+    return {"manifest": run + "/evaluate.json", "metrics": run + "/metrics.json", "sheet": run + "/figures/contact-sheet.png"}
+
+
+RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS)) + expand(
+    BASELINE_RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS), baseline=config["baselines"]
+)
 REPORT = [RESULTS + f"/{name}" for name in ("index.html", "metrics.json", "metrics.csv", "metrics.md")]
 
 
@@ -200,8 +281,7 @@ rule decode:
     input:
         SHARD + "/solve.json",
     output:
-        manifest=SHARD + "/decode.json",
-        **({"proposals": SHARD + "/instances.json"} if DECODE.get("instances") else {}),
+        **decode_outputs(SHARD),
     params:
         clusters=DECODE["clusters"],
         seed=DECODE["seed"],
@@ -236,16 +316,35 @@ rule cluster:
         "{LDS} cluster {params.inputs} --clusters {params.clusters} --seed {params.seed} {params.dask} --store {STORE:q} --manifest {output:q}"
 
 
+rule zeroshot:
+    input:
+        SHARD + "/decode.json",
+    output:
+        SHARD + "/zeroshot.json",
+    params:
+        clip=lambda w: ZEROSHOT_CLIPS[w.model],
+        classes=f"--classes {shlex.quote(','.join(config['zeroshot']['classes']))}" if config["zeroshot"]["classes"] else "",
+        threshold=config["zeroshot"]["threshold"],
+        score=config["zeroshot"]["score"],
+    threads: THREADS["shard"]
+    resources:
+        mem_mb=mem_mb(4000),
+    benchmark:
+        BENCH + "/shard-{shard}/zeroshot.tsv"
+    shell:
+        "{LDS} zeroshot --input {input:q} {params.clip} {params.classes} --threshold {params.threshold} --score {params.score}"
+        " --store {STORE:q} --manifest {output:q}"
+
+
 rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        manifest=RUN + "/evaluate.json",
-        metrics=RUN + "/metrics.json",
-        sheet=RUN + "/figures/contact-sheet.png",
+        **evaluate_outputs(RUN),
     params:
         inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input.decode),
         semantic=lambda w, input: f"--semantic '{input.semantic}'" if "semantic" in input.keys() else "",
+        zeroshot=lambda w, input: " ".join(f"--zeroshot '{path}'" for path in input.get("zeroshot", [])),
         figures=RUN + "/figures",
         dask=f"--dask-scheduler '{config['dask_scheduler']}'" if config.get("dask_scheduler") else "",
     threads: THREADS["dataset"]
@@ -254,8 +353,57 @@ rule evaluate:
     benchmark:
         BENCH + "/evaluate.tsv"
     shell:
-        "{LDS} evaluate {params.inputs} {params.semantic} --metrics {output.metrics:q} --figures {params.figures:q}"
+        "{LDS} evaluate {params.inputs} {params.semantic} {params.zeroshot} --metrics {output.metrics:q} --figures {params.figures:q}"
         " {params.dask} --store {STORE:q} --manifest {output.manifest:q}"
+
+
+# The baselines: `lds baseline` on each shard's extract stands in for `lds solve`; decode (its masks are the
+# proposals), cluster and evaluate are the rules above, in the baseline's own run folder.
+rule baseline:
+    input:
+        SHARD + "/extract.json",
+    output:
+        BASELINE_SHARD + "/baseline.json",
+    params:
+        options=lambda w: baseline_options(w.baseline),
+    threads: THREADS["shard"]
+    resources:
+        mem_mb=mem_mb(3000, 12000),
+    benchmark:
+        BASELINE_BENCH + "/shard-{shard}/baseline.tsv"
+    shell:
+        "{LDS} baseline --input {input:q} {params.options} --store {STORE:q} --manifest {output:q}"
+
+
+use rule decode as decode_baseline with:
+    input:
+        BASELINE_SHARD + "/baseline.json",
+    output:
+        **decode_outputs(BASELINE_SHARD),
+    params:
+        figures=BASELINE_RUN + "/figures",
+    benchmark:
+        BASELINE_BENCH + "/shard-{shard}/decode.tsv"
+
+
+use rule cluster as cluster_baseline with:
+    input:
+        lambda w: shard_manifests(w, "baseline", BASELINE_SHARD),
+    output:
+        BASELINE_RUN + "/cluster.json",
+    benchmark:
+        BASELINE_BENCH + "/cluster.tsv"
+
+
+use rule evaluate as evaluate_baseline with:
+    input:
+        unpack(baseline_evaluate_inputs),
+    output:
+        **evaluate_outputs(BASELINE_RUN),
+    params:
+        figures=BASELINE_RUN + "/figures",
+    benchmark:
+        BASELINE_BENCH + "/evaluate.tsv"
 
 
 rule report:

@@ -34,6 +34,7 @@ TABLES = (
     ("Class-agnostic object proposals (COCOeval)", ("box_ap50", "box_ap", "box_ar100", "mask_ap50", "mask_ap", "mask_ar100")),
     ("X-Y coordinate regression (32 x 32 grid, 80/20 split)", ("xy_regression_r2", "xy_regression_error")),
 )
+BASELINE_NAMES = {"tokencut": "TokenCut", "maskcut": "MaskCut"}  # as the paper's tables name them
 HEADERS = {key: header for key, header, _ in METRICS}
 FORMATS = {key: kind for key, _, kind in METRICS}
 
@@ -55,8 +56,14 @@ class Table:
         return f"<h3>{html.escape(self.title)}</h3>\n<table><tr>{head}</tr>{body}</table>\n"
 
 
+def run_name(run: dict[str, Any]) -> str:
+    """The model, and the baseline when the run is one: 'dino-vits16 (MaskCut)'."""
+    baseline = run.get("baseline")
+    return f"{run['model']} ({BASELINE_NAMES.get(baseline, baseline)})" if baseline else run["model"]
+
+
 def model_label(run: dict[str, Any]) -> str:
-    return f"{run['model']}{'' if run.get('pretrained') else ' (NOT pretrained)'}"
+    return f"{run_name(run)}{'' if run.get('pretrained') else ' (NOT pretrained)'}"
 
 
 def fmt(key: str, value: Any) -> str:
@@ -90,8 +97,8 @@ def markdown_report(runs: list[dict[str, Any]]) -> str:
 
 
 def csv_report(runs: list[dict[str, Any]]) -> str:
-    """One row per dataset x model: identification, then every scalar metric (empty when absent)."""
-    fields = ["dataset", "model", "pretrained", "weights", "images"] + [k for k, _, _ in METRICS]
+    """One row per dataset x model (x baseline): identification, then every scalar metric (empty when absent)."""
+    fields = ["dataset", "model", "pretrained", "weights", "images", "baseline"] + [k for k, _, _ in METRICS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -102,10 +109,10 @@ def csv_report(runs: list[dict[str, Any]]) -> str:
 
 @dataclass(frozen=True)
 class RunLinks:
-    """Files of one dataset x model, relative to the index page."""
+    """Files of one dataset x model (x baseline), relative to the index page."""
 
     dataset: str
-    model: str
+    model: str  # run_name: the model, and the baseline when the run is one
     caption: str
     metrics: str
     contact_sheet: str | None

@@ -136,12 +136,15 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
         return {"metrics": results}
 
     model_attrs = provenance(store, sources[0])
+    solved_ref = upstream(store, sources[0], "solve")
+    # a baseline's run says which (lds report labels its row "model (MaskCut)")
+    baseline = {"baseline": store.attrs(solved_ref)["params"]["method"]} if solved_ref.stage == "baseline" else {}
     with scheduler(dask_scheduler):
         ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
     metrics = store.attrs(ref)["metrics"]
     if metrics_path is not None:
         dataset_spec = store.attrs(upstream(store, sources[0], "preprocess")).get("dataset")
-        write_json_atomic(metrics_path, {**model_attrs, **metrics, "dataset_spec": dataset_spec, "artifact": store.path(ref)})
+        write_json_atomic(metrics_path, {**model_attrs, **baseline, **metrics, "dataset_spec": dataset_spec, "artifact": store.path(ref)})
         click.echo(f"metrics: {metrics_path}", err=True)
     if figures is not None:
         from pipeline.figures import ImageView, save_contact_sheet
@@ -157,4 +160,5 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
                 regions = semantic[item]["semantic"][...] if semantic is not None else decoded[item]["labels"][...]
                 views.append(ImageView(item, rgb, regions, proposals, scores))
         which = "dataset-level K-Means" if semantic is not None else "K-Means per image"
-        save_contact_sheet(figures / "contact-sheet.png", views, f"{model_caption(model_attrs)} | first {len(views)} images", which)
+        method = f" | {baseline['baseline']} baseline" if baseline else ""
+        save_contact_sheet(figures / "contact-sheet.png", views, f"{model_caption(model_attrs)}{method} | first {len(views)} images", which)

@@ -16,7 +16,8 @@ from stages.decode import model_caption
 
 def read_run(path: Path) -> dict:
     """A run's metrics.json, <results>/<dataset>/<model folder>/metrics.json: the dataset named by its folder,
-    the model by the name it records (a folder spells a hub name's "/" as "--")."""
+    the model by the name it records (a folder spells a hub name's "/" as "--"; a baseline's run, in
+    <model folder>+<method>, records its method as ``baseline``)."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -35,7 +36,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 @click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Results folder: read <dataset>/<model>/metrics.json here (unless files are given) and write the report here.")
 def report(metrics_files, results_dir):
     """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics."""
-    from pipeline.report import RunLinks, csv_report, html_index, markdown_report
+    from pipeline.report import RunLinks, csv_report, html_index, markdown_report, run_name
 
     files = sorted(metrics_files) or sorted(results_dir.glob("*/*/metrics.json"))
     if not files:
@@ -53,7 +54,7 @@ def report(metrics_files, results_dir):
         sheet = folder / "figures" / "contact-sheet.png"
         figures = sorted(p for p in (folder / "figures").glob("*.png") if p.name != "contact-sheet.png")
         links.append(RunLinks(
-            run["dataset"], run["model"], f"{model_caption(run)}; {run.get('images', '?')} images", relative(path),
+            run["dataset"], run_name(run), f"{model_caption(run)}; {run.get('images', '?')} images", relative(path),
             relative(sheet) if sheet.is_file() else None, [(p.stem, relative(p)) for p in figures],
             [relative(p) for p in sorted(folder.glob("shard-*/instances.json"))],
         ))

@@ -47,7 +47,8 @@ def zeroshot(input_manifest, clip_repo, weights, classes, threshold, score, stor
     layer's value vectors, projected into CLIP's joint space, against the class names' text embeddings."""
     from pipeline.decode import upsample_labels
     from pipeline.hashing import sha256_tree
-    from pipeline.models.clip import default_clip_repo, load_clip
+    from pipeline.models import default_clip_repo
+    from pipeline.models.clip import load_clip
     from pipeline.zeroshot import class_embeddings, label_set, zero_shot_labels
 
     store = Store(store_root)

@@ -65,3 +65,11 @@ def test_lds_report_writes_every_file_and_links_what_exists(tmp_path):
 def test_lds_report_without_metrics_says_what_to_run(tmp_path):
     result = CliRunner().invoke(cli, ["report", "--results", str(tmp_path)])
     assert result.exit_code != 0 and "no metrics found" in result.output and "lds evaluate" in result.output
+
+
+def test_a_baseline_run_is_its_own_row_labelled_with_its_method():
+    runs = [RUNS[1], {**RUNS[1], "baseline": "maskcut", "box_ap50": 0.06}]
+    proposals = {t.title.split(" (")[0]: t for t in tables(runs)}["Class-agnostic object proposals"]
+    assert [row[:2] for row in proposals.rows] == [["dino-vits8", "12.3"], ["dino-vits8 (MaskCut)", "6.0"]]
+    rows = list(csv.DictReader(io.StringIO(csv_report(runs))))
+    assert [(r["model"], r["baseline"]) for r in rows] == [("dino-vits8", ""), ("dino-vits8", "maskcut")]

@@ -1,4 +1,5 @@
-"""The Snakemake DAG: a full run, a no-op re-run, a cache hit after deleting a manifest, config errors."""
+"""The Snakemake DAG: a full run with the MaskCut baseline beside the method, a no-op re-run, a cache hit
+after deleting a manifest, config errors."""
 
 import json
 import subprocess
@@ -19,6 +20,8 @@ CONFIG = {
     "preprocess": {"mode": "short-side", "size": 96},
     "solve": {"solver": "adam", "channels": 6, "steps": 20, "lr": 0.003, "seed": 0},
     "decode": {"clusters": 4, "seed": 0, "instances": True, "dataset_clusters": 4},
+    "baselines": ["maskcut"],
+    "baseline_options": {"masks": 2},
 }
 
 
@@ -56,13 +59,36 @@ def test_full_run_produces_metrics_figures_and_shards(workdir):
 def test_full_run_writes_the_report_and_an_index_linking_the_figures(workdir):
     results = workdir / "results"
     runs = json.loads((results / "metrics.json").read_text())["runs"]
-    assert [(r["dataset"], r["model"]) for r in runs] == [("shapes", "tiny-vit")]
-    header, row = (results / "metrics.csv").read_text().splitlines()
+    assert [(r["dataset"], r["model"], r.get("baseline")) for r in runs] == [("shapes", "tiny-vit", None), ("shapes", "tiny-vit", "maskcut")]
+    header, row, _ = (results / "metrics.csv").read_text().splitlines()
     assert header.startswith("dataset,model,pretrained") and row.startswith("shapes,tiny-vit,False")
     assert "tiny-vit (NOT pretrained)" in (results / "metrics.md").read_text()
     index = (results / "index.html").read_text()
     for link in ("shapes/tiny-vit/figures/contact-sheet.png", "shapes/tiny-vit/figures/shapes-0003.png", "shapes/tiny-vit/shard-1/instances.json", "metrics.csv"):
         assert f"'{link}'" in index and (results / link).is_file()
+
+
+def test_the_maskcut_baseline_runs_beside_the_method_as_its_own_report_row(workdir):
+    results = workdir / "results"
+    run_dir = results / "shapes" / "tiny-vit+maskcut"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["baseline"] == "maskcut" and metrics["model"] == "tiny-vit" and metrics["images"] == 4
+    for key in ("semantic_miou", "oracle_miou", "box_ap", "mask_ap50", "xy_regression_r2"):
+        assert 0 <= metrics[key] <= 1, key
+    method = json.loads((results / "shapes" / "tiny-vit" / "metrics.json").read_text())
+    assert "baseline" not in method and metrics["xy_regression_r2"] != method["xy_regression_r2"]
+    # MaskCut's masks are the proposals: at most N = 2 per image
+    proposals = [r for shard in ("shard-0", "shard-1") for r in json.loads((run_dir / shard / "instances.json").read_text())]
+    assert proposals and len(proposals) <= 2 * 4 and metrics["proposals_per_image"] <= 2
+    assert sorted(p.name for p in (run_dir / "figures").glob("*.png")) == ["contact-sheet.png"] + [f"shapes-{i:04d}.png" for i in range(4)]
+    markdown = (results / "metrics.md").read_text()
+    assert "| tiny-vit (NOT pretrained) |" in markdown and "| tiny-vit (MaskCut) (NOT pretrained) |" in markdown
+    assert "<h2>shapes / tiny-vit (MaskCut)</h2>" in (results / "index.html").read_text()
+    assert (results / "metrics.csv").read_text().splitlines()[2].startswith("shapes,tiny-vit,False,random initialisation (NOT pretrained),4,maskcut,")
+    bench = results / "benchmarks" / "shapes" / "tiny-vit+maskcut"
+    assert sorted(str(p.relative_to(bench)) for p in bench.rglob("*.tsv")) == [
+        "cluster.tsv", "evaluate.tsv", "shard-0/baseline.tsv", "shard-0/decode.tsv", "shard-1/baseline.tsv", "shard-1/decode.tsv",
+    ]
 
 
 def test_second_run_has_nothing_to_do(workdir):
@@ -75,7 +101,7 @@ def test_deleting_a_manifest_reruns_its_rule_from_the_cache(workdir):
     rerun = snakemake(workdir)
     log = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, log[-3000:]
-    assert "evaluate: cached" in log and "made" not in log
+    assert "evaluate: cached" in log and ": made " not in log  # no stage made an artifact (the summary's "made" column aside)
 
 
 def test_bad_config_value_is_rejected(tmp_path):

@@ -1,5 +1,6 @@
 """Scaling the Snakemake DAG out: the SLURM profile's dry-run, threads and resources per rule, extract
-options from the config, and the dataset-level solver in place of the per-image one (issue 6)."""
+options from the config, the dataset-level solver in place of the per-image one (issue 6), and the
+baselines and zero-shot labels wired into the DAG."""
 
 import json
 import re
@@ -123,3 +124,51 @@ def test_dataset_level_run_feeds_decode_cluster_and_evaluate_and_writes_benchmar
     assert tables == ["cluster.tsv", "evaluate.tsv", "shard-0/decode.tsv", "shard-0/extract.tsv", "shard-0/preprocess.tsv",
                       "shard-1/decode.tsv", "shard-1/extract.tsv", "shard-1/preprocess.tsv", "solve-dataset.tsv"]
     assert float((bench / "solve-dataset.tsv").read_text().splitlines()[1].split("\t")[0]) > 0
+
+
+def test_zeroshot_labels_only_for_clip_models_on_datasets_with_classes(tmp_path):
+    config = {**CONFIG, "models": ["tiny-vit", "tiny-hf-clip", "clip-vitb16"],
+              "datasets": {**CONFIG["datasets"], "photos": {"spec": "skimage-samples", "images_per_shard": 20}},
+              "zeroshot": {"enabled": True, "weights": {"tiny-hf-clip": "clip folder"}, "classes": ["red", "blue"], "threshold": 0.2}}
+    said = snakemake(tmp_path, config, "--dry-run").stderr
+    assert "no zero-shot labels for model tiny-vit: it is not a CLIP model" in said
+    assert "no zero-shot labels for dataset photos: it names no classes" in said
+    jobs = dry_run(tmp_path, config)
+    zeroshot = sorted(field(job, "output") for job in jobs["zeroshot"])
+    assert zeroshot == [f"results/shapes/{m}/shard-{i}/zeroshot.json" for m in ("clip-vitb16", "tiny-hf-clip") for i in range(2)]
+    tiny = next(job for job in jobs["zeroshot"] if "tiny-hf-clip/shard-1" in job)
+    assert "--weights 'clip folder' --classes red,blue --threshold 0.2 --score cosine" in tiny
+    clip = next(job for job in jobs["zeroshot"] if "clip-vitb16/shard-0" in job)
+    assert "--weights" not in clip and "--clip" not in clip  # lds zeroshot finds clip-vitb16's own CLIP
+    evaluate = {tuple(field(job, "output").split("/")[1:3]): job for job in jobs["evaluate"]}  # (dataset, model)
+    for model in ("tiny-hf-clip", "clip-vitb16"):
+        assert f"--zeroshot 'results/shapes/{model}/shard-0/zeroshot.json' --zeroshot 'results/shapes/{model}/shard-1/zeroshot.json'" in evaluate["shapes", model]
+    assert all("--zeroshot" not in evaluate[key] for key in (("shapes", "tiny-vit"), ("photos", "tiny-hf-clip"), ("photos", "clip-vitb16")))
+    plain = dry_run(tmp_path / "plain", CONFIG)
+    assert "zeroshot" not in plain and "--zeroshot" not in plain["evaluate"][0]
+
+
+def test_zeroshot_clip_for_a_model_not_in_the_config_is_refused(tmp_path):
+    config = {**CONFIG, "zeroshot": {"enabled": True, "clip": {"clip-vitb16": "openai/clip-vit-base-patch16"}}}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--dry-run"], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "zeroshot.clip names clip-vitb16, not among `models`" in run.stdout + run.stderr
+
+
+def test_baselines_get_their_own_runs_with_the_configured_options(tmp_path):
+    config = {**CONFIG, "baselines": ["tokencut", "maskcut"], "baseline_options": {"affinity": "attention", "layer": "block02", "masks": 2}}
+    jobs = dry_run(tmp_path, config)
+    assert {rule: len(jobs[rule]) for rule in ("baseline", "decode_baseline", "evaluate_baseline", "extract")} == {
+        "baseline": 4, "decode_baseline": 4, "evaluate_baseline": 2, "extract": 2,
+    }
+    maskcut = next(job for job in jobs["baseline"] if "tiny-vit+maskcut/shard-1" in job)
+    assert field(maskcut, "input") == "results/shapes/tiny-vit/shard-1/extract.json"  # the method's extract, shared
+    assert "--method maskcut --affinity attention --layer=block02 --tau 0.2 --masks 2" in maskcut
+    tokencut = next(job for job in jobs["baseline"] if "tiny-vit+tokencut/shard-0" in job)
+    assert "--method tokencut" in tokencut and "--masks" not in tokencut
+    decode = next(job for job in jobs["decode_baseline"] if "tiny-vit+tokencut/shard-0" in job)
+    assert "--input results/shapes/tiny-vit+tokencut/shard-0/baseline.json --clusters 3" in decode
+    assert "--figures results/shapes/tiny-vit+tokencut/figures" in decode
+    report = field(jobs["report"][0], "input").split(", ")
+    assert set(report) == {f"results/shapes/{run}/metrics.json" for run in ("tiny-vit", "tiny-vit+maskcut", "tiny-vit+tokencut")}

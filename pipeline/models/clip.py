@@ -19,18 +19,7 @@ import torch
 from pipeline.errors import LdsError, one_line
 from pipeline.models.hub import weights_unavailable
 
-# registered models whose vision tower is a CLIP checkpoint on the hub: timm's clip-vitb16 holds the same
-# OpenAI weights as openai/clip-vit-base-patch16 (transformers layout, with the text tower)
-CLIP_REPOS = {"clip-vitb16": "openai/clip-vit-base-patch16"}
 WEIGHTS_HINT = "FOLDER (save_pretrained of a transformers CLIPModel and its tokenizer)"
-
-
-def default_clip_repo(attrs: dict[str, Any]) -> str | None:
-    """The hub repository of the CLIP an extract artifact's model came from, when it is one."""
-    repo = attrs.get("repo_id")
-    if attrs.get("model") in CLIP_REPOS:
-        return CLIP_REPOS[attrs["model"]]
-    return repo if repo and "clip" in repo.lower() else None
 
 
 @dataclass
