@@ -236,6 +236,10 @@ class Store:
         pattern = self._join(JOURNAL, run or "*", "*.json")
         return [json.loads(self.fs.cat_file(path)) for path in sorted(self.fs.glob(pattern))]
 
+    def remove_run(self, run: str) -> None:
+        """Delete one run's journal records (the artifacts they describe stay)."""
+        self.fs.rm(self._join(JOURNAL, run), recursive=True)
+
     # -- housekeeping ------------------------------------------------------------------------------
     def artifacts(self) -> list[ArtifactRef]:
         """Every published artifact, sorted by stage and key."""

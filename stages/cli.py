@@ -178,6 +178,22 @@ def cache_gc(manifests, dry_run, store_root):
     click.echo(f"{len(keep)} kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
 
 
+@cache.command("prune-journal")
+@click.option("--keep", type=click.IntRange(0), default=10, show_default=True, help="Most recent runs to keep.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@store_option
+def cache_prune_journal(keep, dry_run, store_root):
+    """Delete the journal records (`lds summary`'s input) of all but the KEEP most recent runs."""
+    store = Store(store_root)
+    runs = store.runs()
+    doomed = runs[: max(len(runs) - keep, 0)]
+    for run in doomed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} journal of run {run}")
+        if not dry_run:
+            store.remove_run(run)
+    click.echo(f"{len(runs) - len(doomed)} runs kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
+
+
 for command in (preprocess, extract, solve, solve_dataset, baseline, decode, zeroshot, cluster, evaluate, report, summary, bench):
     cli.add_command(command)
 

@@ -172,10 +172,12 @@ def test_random_models_are_reproducible_from_the_seed(image):
     np.testing.assert_array_equal(a[2].k, b[2].k)
 
 
-def test_missing_or_unreadable_weights_file_raises(tmp_path):
+def test_missing_unreadable_or_folder_weights_raise(tmp_path):
     spec = get_spec("tiny-vit")
     with pytest.raises(LdsError, match="does not exist"):
         build_model(spec, weights=tmp_path / "missing.pth")
+    with pytest.raises(LdsError, match="is a folder; this model takes one state-dict file"):
+        build_model(spec, weights=tmp_path)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a state dict")
     with pytest.raises(LdsError, match="unreadable"):

@@ -1,5 +1,7 @@
 """The cached item loop every stage runs: failures are recorded, kept apart, and retried alone."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,25 @@ def test_a_failed_item_is_listed_and_a_rerun_retries_only_it(tmp_path, monkeypat
     _run(store, items, broken=set(items))  # cached: nothing is computed, so nothing can fail
     assert [r["event"] for r in store.records("third")] == ["reused"]
     assert store.runs() == ["first", "second", "third"]
+
+
+def test_prune_journal_keeps_the_newest_runs_and_every_artifact(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from stages.cli import cli
+
+    store = Store(tmp_path)
+    for age, run in enumerate(("run-b", "run-a", "run-c")):  # filed in this order: the oldest is not the first by name
+        monkeypatch.setenv("LDS_RUN", run)
+        ref = _run(store, ["a", "b"], broken=set())
+        os.utime(tmp_path / ".journal" / run, (1e9 + age, 1e9 + age))  # distinct times on any file system
+    assert store.runs() == ["run-b", "run-a", "run-c"]
+    prune = ["cache", "prune-journal", "--keep", "1", "--store", str(tmp_path)]
+    dry = CliRunner().invoke(cli, [*prune, "--dry-run"])
+    assert dry.exit_code == 0 and "would remove journal of run run-b" in dry.output and len(store.runs()) == 3
+    done = CliRunner().invoke(cli, prune)
+    assert done.exit_code == 0 and "1 runs kept, 2 removed" in done.output
+    assert store.runs() == ["run-c"] and store.artifacts() == [ref] and store.verify(ref) == []
 
 
 def test_a_stage_whose_first_items_all_fail_stops_early(tmp_path):

@@ -31,6 +31,9 @@ def weights_unavailable(model: str, source: str, error: BaseException, weights_h
 
 def read_state_dict(path: Path, model: str) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a torch pickle (``.pth`` / ``.bin``)."""
+    if path.is_dir():
+        raise LdsError(f"weights {path} for model {model} is a folder; this model takes one state-dict file "
+                       "(.safetensors, .pth or .bin); folders are for transformers / diffusers models")
     if not path.is_file():
         raise LdsError(f"weights file {path} for model {model} does not exist")
     try:
