@@ -46,11 +46,17 @@ class GraphSet:
     scale: torch.Tensor | None = None
 
 
+def stored_name(name: str) -> str:
+    """A layer's name in the extract artifact: without the ``@t<timestep>`` of an attention set."""
+    return name.split("@t", 1)[0]
+
+
 def select(layers: list[LayerAttention], options: GraphOptions) -> list[LayerAttention]:
-    """The layers (by name or index) and heads (by index) that ``options`` asks for."""
+    """The layers (by name or index) and heads (by index) that ``options`` asks for. A Stable Diffusion
+    layer (``<layer>@t<timestep>``, one attention set per timestep) is also found by its stored name."""
     chosen = layers
     if options.layers:
-        by_name = {layer.name: layer for layer in layers}
+        by_name = {layer.name: layer for layer in layers} | {stored_name(layer.name): layer for layer in layers}
         chosen = []
         for wanted in options.layers:
             if wanted in by_name:
@@ -58,7 +64,8 @@ def select(layers: list[LayerAttention], options: GraphOptions) -> list[LayerAtt
             elif wanted.lstrip("-").isdigit() and -len(layers) <= int(wanted) < len(layers):
                 chosen.append(layers[int(wanted)])
             else:
-                raise LdsError(f"layer {wanted!r} is not stored; stored layers: {', '.join(by_name)}")
+                stored = ", ".join(stored_name(layer.name) for layer in layers)
+                raise LdsError(f"layer {wanted!r} is not stored; stored layers: {stored}")
     if options.heads:
         available = min(layer.q.shape[0] for layer in chosen)
         bad = [h for h in options.heads if not 0 <= h < available]

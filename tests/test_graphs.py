@@ -110,3 +110,12 @@ def test_select_layers_by_name_or_index_and_heads():
         select(layers, GraphOptions(layers=("block09",)))
     with pytest.raises(LdsError, match="head 3 does not exist"):
         select(layers, GraphOptions(heads=(3,)))
+
+
+def test_a_stable_diffusion_layer_is_selected_by_its_stored_name_or_with_its_timestep():
+    rng = np.random.default_rng(6)
+    layers = [random_layer(f"{name}@t219", rng, heads=2) for name in ("00-down0.0.t0", "02-mid0.t0")]
+    assert select(layers, GraphOptions(layers=("02-mid0.t0",))) == [layers[1]]
+    assert select(layers, GraphOptions(layers=("00-down0.0.t0@t219",))) == [layers[0]]
+    with pytest.raises(LdsError, match="stored layers: 00-down0.0.t0, 02-mid0.t0$"):
+        select(layers, GraphOptions(layers=("mid",)))
