@@ -4,6 +4,7 @@ reduction is a fixed graph, combined in the same order whichever scheduler runs 
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -18,11 +19,14 @@ T = TypeVar("T")
 @contextmanager
 def dask_scheduler(address: str | None) -> Iterator[None]:
     """Run the dask computations inside on the distributed scheduler at ``address``
-    (``tcp://host:8786``), or on dask's local threaded scheduler when ``address`` is None."""
+    (``tcp://host:8786``), or on dask's local threaded scheduler when ``address`` is None: as many
+    threads as ``$OMP_NUM_THREADS`` (which Snakemake sets to the job's ``threads``), else one per core."""
     import dask
 
     if not address:
-        with dask.config.set(scheduler="threads"):
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        workers = {"num_workers": int(threads)} if threads.isdigit() and int(threads) > 0 else {}
+        with dask.config.set(scheduler="threads", **workers):
             yield
         return
     from distributed import Client

@@ -165,3 +165,17 @@ def test_an_unreachable_scheduler_is_one_line_naming_it(tmp_path):
     assert result.exit_code != 0
     message = result.output.strip()
     assert "\n" not in message and message.startswith(f"Error: cannot reach the dask scheduler at {address}"), message
+
+
+def test_local_threads_follow_the_jobs_thread_count(monkeypatch):
+    import dask
+    from dask.threaded import get as threaded_get
+
+    from pipeline.dask_compute import dask_scheduler
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what Snakemake sets from a rule's threads
+    with dask_scheduler(None):
+        assert dask.config.get("num_workers") == 3 and dask.base.get_scheduler() is threaded_get
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with dask_scheduler(None):
+        assert dask.config.get("num_workers", None) is None  # dask's default: one thread per core
