@@ -50,6 +50,10 @@ class BaselineResult:
     x: np.ndarray  # (m, y, x): the eigenvectors, D-orthonormal
     masks: np.ndarray  # (n, y, x) bool, in the order found
     scores: np.ndarray  # (n,): 1 for the first mask, then 1 - i / N (MaskCut has no confidence)
+    edges_above_tau: float | None = None  # features affinity: the fraction of token pairs joined (W = 1)
+
+
+DEGENERATE_EDGES = 0.99  # a features graph joining more token pairs than this has no cut worth the name
 
 
 def feature_affinity(features: np.ndarray, tau: float, eps: float) -> np.ndarray:
@@ -136,4 +140,16 @@ def run_baseline(layer: LayerAttention, params: BaselineParams) -> BaselineResul
     scores = 1 - np.arange(len(masks)) / len(masks)
     kept = [i for i, mask in enumerate(masks) if mask.any()]
     stacked = np.stack([masks[i] for i in kept]) if kept else np.zeros((0, *grid), dtype=bool)
-    return BaselineResult(values, vectors.T.reshape(-1, *grid), stacked, scores[kept])
+    joined = float((w == 1.0).mean()) if params.affinity == "features" else None
+    return BaselineResult(values, vectors.T.reshape(-1, *grid), stacked, scores[kept], joined)
+
+
+def degenerate_warning(joined: list[float | None], tau: float) -> str | None:
+    """A one-line warning when the features graph of some images joins (nearly) every token pair, so
+    the cut and its eigenvectors say nothing (keys of some models are all alike at TokenCut's tau)."""
+    bad = [value for value in joined if value is not None and value >= DEGENERATE_EDGES]
+    if not bad:
+        return None
+    return (f"in {len(bad)} of {len(joined)} images the features graph joins {min(bad):.0%} or more of the token "
+            f"pairs (key cosine similarity > --tau {tau}): the cut is arbitrary there; raise --tau or use "
+            "--affinity attention")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import click
 
-from pipeline.baselines import AFFINITIES, DEFAULT_EIGENVECTORS, DEFAULT_MASKS, METHODS, BaselineParams
+from pipeline.baselines import AFFINITIES, DEFAULT_EIGENVECTORS, DEFAULT_MASKS, METHODS, BaselineParams, degenerate_warning
 from pipeline.solver_params import GraphOptions
 from pipeline.store import ArraySpec, Store
 from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option
@@ -52,9 +52,12 @@ def baseline(input_manifest, method, affinity, layer, eigenvectors, masks, tau, 
             "proposals": ArraySpec(result.masks, ("proposal", "y", "x"), {"description": f"{method} masks per token, in the order found"}, chunks=chunks),
             "proposal_scores": ArraySpec(result.scores, ("proposal",), {"description": "1 for the first mask, then 1 - i / N (rank, not confidence)"}, chunks=chunks[:1]),
         }
-        return arrays, {"layer": chosen.name, "grid": list(chosen.grid)}, {}
+        item_attrs = {"layer": chosen.name, "grid": list(chosen.grid)}
+        if result.edges_above_tau is not None:
+            item_attrs["edges_above_tau"] = round(result.edges_above_tau, 4)
+        return arrays, item_attrs, {}
 
-    run_stage(
+    ref = run_stage(
         store,
         "baseline",
         params,
@@ -65,3 +68,7 @@ def baseline(input_manifest, method, affinity, layer, eigenvectors, masks, tau, 
         attrs=provenance(store, source) | {"proposals_from": method},
         manifest=manifest,
     )
+    made = store.open(ref)["items"]
+    warning = degenerate_warning([made[item].attrs.get("edges_above_tau") for item in store.attrs(ref)["items"]], tau)
+    if warning:
+        click.echo(f"lds baseline: warning: {warning}", err=True)

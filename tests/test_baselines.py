@@ -11,7 +11,8 @@ import scipy.linalg
 from click.testing import CliRunner
 
 from pipeline.baselines import (
-    BaselineParams, attention_affinity, feature_affinity, foreground, maskcut, ncut_eigenvectors, run_baseline,
+    BaselineParams, attention_affinity, degenerate_warning, feature_affinity, foreground, maskcut, ncut_eigenvectors,
+    run_baseline,
 )
 from pipeline.extract import LayerAttention
 from stages.cli import cli
@@ -106,6 +107,19 @@ def test_maskcut_drops_a_repeated_mask_and_tokencut_makes_one():
     assert any((tokencut.masks[0] == (truth == c)).all() for c in (1, 2, 3))
 
 
+def test_a_features_graph_joining_every_pair_is_flagged():
+    layer, _ = planted_objects()
+    separated = run_baseline(layer, BaselineParams("tokencut", "features", 4, 1))
+    assert 0.5 < separated.edges_above_tau < 0.7  # 54% of the pairs share a planted region, plus noise
+    assert degenerate_warning([separated.edges_above_tau], 0.2) is None
+    offset = LayerAttention("block00", layer.q, layer.k + 10.0, layer.v, 0.5)  # keys all alike: cosine > 0.2 everywhere
+    alike = run_baseline(offset, BaselineParams("tokencut", "features", 4, 1))
+    assert alike.edges_above_tau == 1.0
+    warning = degenerate_warning([separated.edges_above_tau, alike.edges_above_tau, None], 0.2)
+    assert warning.startswith("in 1 of 3 images the features graph joins 100% or more") and "raise --tau" in warning
+    assert run_baseline(layer, BaselineParams("tokencut", "attention", 4, 1)).edges_above_tau is None
+
+
 def lds(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -133,5 +147,7 @@ def test_baseline_round_trip_through_decode_and_evaluate(tmp_path):
     assert {round(r["score"], 6) for r in results} <= {1.0, round(2 / 3, 6), round(1 / 3, 6)}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["images"] == 2 and 0 <= metrics["mask_ar100"] <= 1 and metrics["proposals_per_image"] <= 3
+    flagged = lds("baseline", "--input", m["extract"], "--tau", -1, *store, "--manifest", tmp_path / "every-pair.json")
+    assert "warning: in 2 of 2 images the features graph joins 100%" in flagged.output
     refused = CliRunner().invoke(cli, ["baseline", "--input", str(m["extract"]), "--masks", "2", *map(str, store)])
     assert refused.exit_code != 0 and "tokencut makes one mask" in refused.output
