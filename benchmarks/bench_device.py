@@ -13,8 +13,9 @@ Cases (RANDOM weights, not pretrained):
 
 Agreement: ``attention_max_rel_diff`` is max |a - b| / max |a| over every stored Q/K/V (float16);
 ``subspace`` is the mean cos² of the principal angles between the two devices' X_ortho (1 = same
-subspace, per image, then averaged); ``final_loss`` is each device's last Adam loss. Seconds are each
-command's wall time, process start, imports and model build included.
+subspace, per image, then averaged); ``final_loss`` is each device's last Adam loss. Seconds are given
+as "wall / in stage": the command's wall time (process start, imports and model build included) and the
+seconds the stage logs for its images ("made ... (N items in S s)": model build and images).
 
     python benchmarks/bench_device.py                      # cpu vs cuda, needs a GPU
     lds bench device -- --devices cpu,cpu --images 2 --adam-steps 20 --sd-steps 2   # a dry run here
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,15 +39,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def lds(store: Path, manifest: Path, *args: object) -> float:
-    """Run one `lds` stage into ``store``; return its wall seconds."""
+MADE = re.compile(r"^\S+: made \S.* \((\d+) items in ([0-9.]+)s\)$", re.MULTILINE)
+
+
+def lds(store: Path, manifest: Path, *args: object) -> str:
+    """Run one `lds` stage into ``store``; return "wall seconds / seconds the stage logs itself"."""
     command = [sys.executable, "-m", "stages", *map(str, args), "--store", str(store), "--manifest", str(manifest)]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           env=os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     if done.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{done.stdout}\n{done.stderr}")
-    return time.perf_counter() - start
+    made = MADE.search(done.stderr)
+    return f"{time.perf_counter() - start:.2f} / {made.group(2) if made else '-'}"
 
 
 def artifact(store: Path, manifest: Path):
@@ -105,7 +111,7 @@ def run_case(case: str, devices: list[str], args: argparse.Namespace, work: Path
                 "--epochs", args.epochs, "--device", device)
         made[device if device not in made else f"{device}#{index}"] = {
             name: artifact(store, out / f"{name}.json") for name in ("ext", "exact", "adam", "dsolve") if (out / f"{name}.json").exists()}
-        rows.append({"case": case, "device": device, "seconds": {k: round(v, 2) for k, v in seconds.items()}})
+        rows.append({"case": case, "device": device, "seconds_wall_and_in_stage": seconds})
         print(json.dumps(rows[-1]), flush=True)
     first, second = made.values()
     agreement = {
