@@ -35,6 +35,8 @@ THREADS = config["threads"]
 # GPU stages: `lds extract` and `lds solve` / `lds solve-dataset` ask for one GPU when the config sends them to CUDA.
 GPU = {"gpu": 1} if SOLVE["device"] == "cuda" else {}
 EXTRACT_GPU = {"gpu": 1} if config["extract"]["device"] == "cuda" else {}
+# `lds cluster` and `lds evaluate` run their dask computations there when the config names a scheduler.
+DASK_SCHEDULER = f"--dask-scheduler '{config['dask_scheduler']}'" if config.get("dask_scheduler") else ""
 
 wildcard_constraints:
     dataset="[^/]+",
@@ -129,22 +131,15 @@ def shard_manifests(wildcards, stage: str = "decode", pattern: str = SHARD) -> l
     return expand(pattern + f"/{stage}.json", shard=range(count), allow_missing=True)
 
 
-def evaluate_inputs(wildcards):
+def evaluate_inputs(wildcards, run: str = RUN, shard: str = SHARD):
     """Every shard's decode manifest, the dataset-level clusters when the config asks for them, and
-    every shard's zero-shot labels for the CLIP models on datasets that name their classes."""
-    inputs = {"decode": shard_manifests(wildcards)}
+    (not for a baseline's run) every shard's zero-shot labels for the CLIP models on datasets that name
+    their classes. ``run`` and ``shard``: the run's folders, RUN and SHARD or BASELINE_RUN and BASELINE_SHARD."""
+    inputs = {"decode": shard_manifests(wildcards, pattern=shard)}
     if DECODE.get("dataset_clusters"):
-        inputs["semantic"] = expand(RUN + "/cluster.json", **wildcards)
-    if wildcards.model in ZEROSHOT_CLIPS and wildcards.dataset in ZEROSHOT_DATASETS:
+        inputs["semantic"] = expand(run + "/cluster.json", **wildcards)
+    if run == RUN and wildcards.model in ZEROSHOT_CLIPS and wildcards.dataset in ZEROSHOT_DATASETS:
         inputs["zeroshot"] = shard_manifests(wildcards, "zeroshot")
-    return inputs
-
-
-def baseline_evaluate_inputs(wildcards):
-    """A baseline run's evaluate inputs: its shards' decode manifests and, when asked for, its clusters."""
-    inputs = {"decode": shard_manifests(wildcards, pattern=BASELINE_SHARD)}
-    if DECODE.get("dataset_clusters"):
-        inputs["semantic"] = expand(BASELINE_RUN + "/cluster.json", **wildcards)
     return inputs
 
 
@@ -306,7 +301,7 @@ rule cluster:
         inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input),
         clusters=DECODE.get("dataset_clusters"),
         seed=DECODE["seed"],
-        dask=f"--dask-scheduler '{config['dask_scheduler']}'" if config.get("dask_scheduler") else "",
+        dask=DASK_SCHEDULER,
     threads: THREADS["dataset"]
     resources:
         mem_mb=mem_mb(4000),
@@ -346,7 +341,7 @@ rule evaluate:
         semantic=lambda w, input: f"--semantic '{input.semantic}'" if "semantic" in input.keys() else "",
         zeroshot=lambda w, input: " ".join(f"--zeroshot '{path}'" for path in input.get("zeroshot", [])),
         figures=RUN + "/figures",
-        dask=f"--dask-scheduler '{config['dask_scheduler']}'" if config.get("dask_scheduler") else "",
+        dask=DASK_SCHEDULER,
     threads: THREADS["dataset"]
     resources:
         mem_mb=mem_mb(4000),
@@ -397,7 +392,7 @@ use rule cluster as cluster_baseline with:
 
 use rule evaluate as evaluate_baseline with:
     input:
-        unpack(baseline_evaluate_inputs),
+        unpack(lambda w: evaluate_inputs(w, BASELINE_RUN, BASELINE_SHARD)),
     output:
         **evaluate_outputs(BASELINE_RUN),
     params:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_solver import subspace_similarity  # benchmarks/ is on sys.path when a script in it runs
+from bench_workflow import MADE
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-MADE = re.compile(r"^\S+: made \S.* \((\d+) items in ([0-9.]+)s\)$", re.MULTILINE)
 
 
 def lds(store: Path, manifest: Path, *args: object) -> str:
@@ -51,7 +50,7 @@ def lds(store: Path, manifest: Path, *args: object) -> str:
     if done.returncode:
         raise SystemExit(f"failed: {' '.join(command)}\n{done.stdout}\n{done.stderr}")
     made = MADE.search(done.stderr)
-    return f"{time.perf_counter() - start:.2f} / {made.group(2) if made else '-'}"
+    return f"{time.perf_counter() - start:.2f} / {made.group(3) if made else '-'}"
 
 
 def artifact(store: Path, manifest: Path):
@@ -75,12 +74,10 @@ def attention_difference(a, b) -> float:
 
 def subspace(a, b) -> float:
     """Mean over images of the mean cos² of the principal angles between two X_ortho."""
-    from scipy.linalg import subspace_angles
-
     values = []
     for item in a.attrs["items"]:
         x, y = (np.asarray(s[f"items/{item}/X_ortho"][...], dtype=np.float64) for s in (a, b))
-        values.append(np.mean(np.cos(subspace_angles(x.reshape(len(x), -1).T, y.reshape(len(y), -1).T)) ** 2))
+        values.append(subspace_similarity(x.reshape(len(x), -1).T, y.reshape(len(y), -1).T))
     return round(float(np.mean(values)), 4)
 
 

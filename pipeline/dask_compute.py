@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from pipeline.errors import LdsError
+from pipeline.errors import LdsError, one_line
 
 CONNECT_TIMEOUT = "5s"  # how long to keep trying an unreachable scheduler before giving up
 SPLIT_EVERY = 8  # partial results combined per task of a tree reduction
@@ -34,7 +34,7 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=True)
     except (OSError, TimeoutError, ValueError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = one_line(error) or type(error).__name__
         raise LdsError(
             f"cannot reach the dask scheduler at {address} ({reason}); start it with `dask scheduler` and "
             "`dask worker ADDRESS`, or leave out --dask-scheduler / LDS_DASK_SCHEDULER"

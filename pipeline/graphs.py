@@ -46,9 +46,17 @@ class GraphSet:
     scale: torch.Tensor | None = None
 
 
+TIMESTEP_MARK = "@t"  # a Stable Diffusion layer in one attention set: <stored name>@t<timestep>
+
+
+def timestep_name(stored: str, timestep: int) -> str:
+    """The name of a stored Stable Diffusion layer in the attention set of one timestep."""
+    return f"{stored}{TIMESTEP_MARK}{timestep}"
+
+
 def stored_name(name: str) -> str:
     """A layer's name in the extract artifact: without the ``@t<timestep>`` of an attention set."""
-    return name.split("@t", 1)[0]
+    return name.split(TIMESTEP_MARK, 1)[0]
 
 
 def select(layers: list[LayerAttention], options: GraphOptions) -> list[LayerAttention]:

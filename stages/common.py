@@ -67,11 +67,16 @@ def read_manifest(path: Path) -> ArtifactRef:
         raise LdsError(f"manifest {path} is not an lds manifest ({error})") from None
 
 
-def write_json_atomic(path: Path, record: dict | list) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary name, then one rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json_atomic(path: Path, record: dict | list) -> None:
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(path: Path | None, store: Store, ref: ArtifactRef, params: dict, items: list[str]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import LdsError
-from stages.common import write_json_atomic
+from stages.common import write_json_atomic, write_text_atomic
 from stages.decode import model_caption
 
 
@@ -23,12 +23,6 @@ def read_run(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise LdsError(f"cannot read metrics {path} ({error})") from None
     return {**metrics, "dataset": path.parent.parent.name, "model": metrics.get("model", path.parent.name)}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @click.command()

@@ -20,6 +20,7 @@ def read_layer_sets(item_group) -> list:
     one set per timestep, its layers named ``<layer>@t<timestep>``.
     """
     from pipeline.extract import LayerAttention
+    from pipeline.graphs import timestep_name
 
     groups = sorted(item_group["layers"].groups())
     arrays = {name: tuple(group[part][...] for part in ("q", "k", "v")) for name, group in groups}
@@ -29,7 +30,7 @@ def read_layer_sets(item_group) -> list:
         return [[LayerAttention(name, q, k, v, scales[name]) for name, (q, k, v) in arrays.items()]]
     timesteps = groups[0][1].attrs.get("timesteps", list(range(first.shape[0])))
     return [
-        [LayerAttention(f"{name}@t{t}", q[i], k[i], v[i], scales[name]) for name, (q, k, v) in arrays.items()]
+        [LayerAttention(timestep_name(name, t), q[i], k[i], v[i], scales[name]) for name, (q, k, v) in arrays.items()]
         for i, t in enumerate(timesteps)
     ]
 

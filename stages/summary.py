@@ -9,7 +9,7 @@ import click
 from pipeline.errors import LdsError
 from pipeline.store import Store
 from pipeline.summary import summarise, summary_markdown
-from stages.common import store_option, write_json_atomic
+from stages.common import store_option, write_json_atomic, write_text_atomic
 
 
 @click.command()
@@ -33,6 +33,5 @@ def summary(run, all_runs, output, store_root):
     text = summary_markdown(result, name)
     click.echo(text, nl=False)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        write_text_atomic(output, text)
         write_json_atomic(output.with_suffix(".json"), {"run": name, **result})
