@@ -3,19 +3,27 @@
 One attention layer (the last, by default) gives one graph W over its tokens:
 
 - ``features``: TokenCut's: cosine similarity of the layer's key features (heads concatenated),
-  binarised: 1 where it exceeds tau (0.2), eps (1e-5) elsewhere;
+  binarised: 1 where it exceeds tau (TokenCut 0.2, MaskCut 0.15), eps (1e-5) elsewhere. With ``centre``
+  the image's mean key is subtracted first: DINOv2's keys share one large common direction (cosine
+  similarity > 0.55 for every token pair), so without it the graph is complete and its cut arbitrary;
 - ``attention``: the layer's key-query attention softmax(Q Kᵀ · scale), symmetrised and averaged over
   heads (no binarisation: every weight is already positive).
+
+Artifact tokens (``artifacts``): tokens whose key norm is an outlier, robust z-score (median and
+normal-scaled MAD over the image) above the threshold, the high-norm tokens of DINOv2-like models. They
+leave the graph (and the mean key); after the cut each takes the eigenvector value of its spatially
+nearest kept token, so masks cover them as their neighbours.
 
 The normalised cut of W (Shi and Malik) is the generalised eigenproblem (D - W) x = λ D x, D the
 degrees; the eigenvectors after the trivial constant one, smallest eigenvalue first, are the baseline's
 X. TokenCut splits the second-smallest eigenvector at its mean, calls the side holding its largest
 absolute value the foreground, and keeps the 4-connected component of the foreground holding that
-seed. MaskCut repeats this N times: before each further cut the rows and columns of every token already
-in a mask are set to eps (for the ``features`` affinity that is what zeroing their features does), the
-foreground is the other side when it holds 3 or 4 of the image corners, and a mask overlapping the
-previous one at IoU > 0.5, or covering 1% of the image or less, is dropped; each mask loses the tokens of
-the masks before it (the reference code, CutLER's ``maskcut.py``, without its CRF post-processing).
+seed. MaskCut repeats this N times, every further cut of the tokens in no mask yet (their subgraph;
+CutLER's ``maskcut.py`` keeps found tokens at eps weight instead, which makes them the cheapest cut once
+the rest holds no clear object, so its IoU > 0.5 repeat rule drops the mask: on DINOv2 that left 1.5-2
+masks per image where the subgraph gives 2.5-2.7), the foreground is the other side when it holds 3 or 4
+of the image corners, and a further mask covering 1% of the image or less is dropped (without CutLER's
+CRF post-processing).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ AFFINITIES = ("features", "attention")
 METHODS = ("tokencut", "maskcut")
 DEFAULT_EIGENVECTORS = {"tokencut": 8, "maskcut": 15}  # METHOD.md section 5
 DEFAULT_MASKS = {"tokencut": 1, "maskcut": 3}
+DEFAULT_TAU = {"tokencut": 0.2, "maskcut": 0.15}  # TokenCut's and CutLER's MaskCut's
+DENSE_TOKENS = 256  # graphs of at most this many tokens are solved densely, larger ones with Lanczos
 
 
 @dataclass(frozen=True)
@@ -39,25 +49,43 @@ class BaselineParams:
     eigenvectors: int = 8
     masks: int = 1  # MaskCut's N; TokenCut makes one
     tau: float = 0.2  # binarisation threshold of the features affinity
-    eps: float = 1e-5  # weight of the edges below tau, and of every edge of a masked token
-    max_overlap: float = 0.5  # MaskCut: a mask overlapping the previous one more than this is dropped
+    centre: bool = True  # features affinity: subtract the mean key before the cosine similarity
+    artifacts: float = 5.0  # key-norm robust z-score above which a token leaves the graph (inf: none)
+    eps: float = 1e-5  # weight of the edges below tau
     min_area: float = 0.01  # MaskCut: a mask covering this fraction of the image or less is dropped
 
 
 @dataclass
 class BaselineResult:
     eigenvalues: np.ndarray  # (m,) increasing
-    x: np.ndarray  # (m, y, x): the eigenvectors, D-orthonormal
+    x: np.ndarray  # (m, y, x): the eigenvectors, D-orthonormal on the kept tokens
     masks: np.ndarray  # (n, y, x) bool, in the order found
     scores: np.ndarray  # (n,): 1 for the first mask, then 1 - i / N (MaskCut has no confidence)
+    artifacts: np.ndarray  # (y, x) bool: the tokens left out of the graph
     edges_above_tau: float | None = None  # features affinity: the fraction of token pairs joined (W = 1)
 
 
 DEGENERATE_EDGES = 0.99  # a features graph joining more token pairs than this has no cut worth the name
 
 
-def feature_affinity(features: np.ndarray, tau: float, eps: float) -> np.ndarray:
-    """Features (tokens, dims) -> W (tokens, tokens): 1 where cosine similarity > tau, else eps."""
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(values - median) / MAD, the MAD scaled to a normal's standard deviation (1.4826 MAD)."""
+    from scipy.stats import median_abs_deviation
+
+    spread = median_abs_deviation(values, scale="normal")
+    return (values - np.median(values)) / max(spread, 1e-12)
+
+
+def artifact_tokens(keys: np.ndarray, threshold: float) -> np.ndarray:
+    """Keys (tokens, dims) -> (tokens,) bool: key norm's robust z-score above ``threshold``."""
+    return robust_z(np.linalg.norm(keys, axis=1)) > threshold
+
+
+def feature_affinity(features: np.ndarray, tau: float, eps: float, centre: bool = False) -> np.ndarray:
+    """Features (tokens, dims) -> W (tokens, tokens): 1 where cosine similarity > tau, else eps; with
+    ``centre`` the mean feature is subtracted first."""
+    if centre:
+        features = features - features.mean(0)
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     return np.where(unit @ unit.T > tau, 1.0, eps)
 
@@ -70,60 +98,77 @@ def attention_affinity(layer: LayerAttention) -> np.ndarray:
     return summed_symmetrised(layer, GraphOptions("kq", "random-walk")).numpy() / layer.q.shape[0]
 
 
-def layer_affinity(layer: LayerAttention, params: BaselineParams) -> np.ndarray:
-    """The one graph of a layer (head, y, x, dim) that the baseline cuts."""
+def layer_affinity(layer: LayerAttention, params: BaselineParams, kept: np.ndarray) -> np.ndarray:
+    """The one graph of a layer (head, y, x, dim) that the baseline cuts, over its ``kept`` tokens."""
     if params.affinity == "attention":
-        return attention_affinity(layer)
+        return attention_affinity(layer)[np.ix_(kept, kept)]
     keys = join_heads(layer.k).astype(np.float64)
-    return feature_affinity(keys.reshape(-1, keys.shape[-1]), params.tau, params.eps)
+    return feature_affinity(keys.reshape(-1, keys.shape[-1])[kept], params.tau, params.eps, params.centre)
 
 
 def ncut_eigenvectors(w: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` smallest nontrivial solutions of (D - W) x = λ D x: eigenvalues (count,) increasing
-    and eigenvectors (tokens, count), D-orthonormal (xᵀ D x = 1)."""
+    and eigenvectors (tokens, count), D-orthonormal (xᵀ D x = 1). Solved as the largest eigenvectors y of
+    D^-1/2 W D^-1/2 (λ = 1 - μ, x = D^-1/2 y): densely for small graphs, else with Lanczos."""
     from scipy.linalg import eigh
+    from scipy.sparse.linalg import eigsh
 
-    degree = np.diag(w.sum(1))
     count = min(count, len(w) - 1)
-    return eigh(degree - w, degree, subset_by_index=[1, count])
+    root = 1 / np.sqrt(w.sum(1))
+    normalised = w * root[:, None] * root[None, :]
+    if len(w) <= DENSE_TOKENS:
+        mu, y = eigh(normalised, subset_by_index=[len(w) - count - 1, len(w) - 1])
+    else:  # a fixed start vector keeps runs deterministic
+        start = np.random.default_rng(0).uniform(0.5, 1.5, len(w))
+        mu, y = eigsh(normalised, k=count + 1, which="LA", tol=0, v0=start)
+    order = np.argsort(-mu)[1:]
+    return 1 - mu[order], y[:, order] * root[:, None]
 
 
-def foreground(vector: np.ndarray, grid: tuple[int, int], corner_rule: bool) -> np.ndarray:
-    """The foreground of a bipartition (y, x) bool: the side of the mean holding the largest |value| (with
-    ``corner_rule``, the other side when that one holds >= 3 image corners), then its 4-connected
-    component holding the most extreme token of that side."""
+def fill_from_neighbours(values: np.ndarray, kept: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Values (kept tokens,) -> (tokens,): every token not kept takes its spatially nearest kept token's."""
     from scipy import ndimage
 
-    above = (vector > vector.mean()).reshape(grid)
-    side = 1.0 if vector[np.argmax(np.abs(vector))] > vector.mean() else -1.0
-    mask = above if side > 0 else ~above
-    if corner_rule and mask[[0, 0, -1, -1], [0, -1, 0, -1]].sum() >= 3:
-        side, mask = -side, ~mask
-    components, _ = ndimage.label(mask)
-    seed = np.unravel_index(np.argmax(side * vector), grid)
-    return components == components[seed]
+    full = np.zeros(kept.size)
+    full[kept] = values
+    _, nearest = ndimage.distance_transform_edt(~kept.reshape(grid), return_indices=True)
+    return full.reshape(grid)[tuple(nearest)].ravel()
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def foreground(vector: np.ndarray, grid: tuple[int, int], corner_rule: bool, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The foreground of a bipartition (y, x) bool of the ``allowed`` tokens (default all): the side of
+    their mean holding the largest |value| (with ``corner_rule``, the other side when that one holds >= 3
+    image corners), then its 4-connected component holding the most extreme token of that side."""
+    from scipy import ndimage
+
+    allowed = np.ones(vector.size, dtype=bool) if allowed is None else allowed
+    mean = vector[allowed].mean()
+    side = 1.0 if vector[allowed][np.argmax(np.abs(vector[allowed]))] > mean else -1.0
+    if corner_rule and (side * (vector.reshape(grid)[[0, 0, -1, -1], [0, -1, 0, -1]] - mean) > 0).sum() >= 3:
+        side = -side
+    mask = (side * (vector - mean) > 0) & allowed
+    components, _ = ndimage.label(mask.reshape(grid))
+    seed = np.argmax(np.where(allowed, side * vector, -np.inf))
+    return components == components.flat[seed]
 
 
-def maskcut(w: np.ndarray, grid: tuple[int, int], params: BaselineParams) -> list[np.ndarray]:
-    """MaskCut's N masks (y, x) bool, in the order found; dropped masks are empty."""
-    painted = np.zeros(len(w), dtype=bool)
+def maskcut(w: np.ndarray, grid: tuple[int, int], params: BaselineParams, kept: np.ndarray | None = None) -> list[np.ndarray]:
+    """MaskCut's N masks (y, x) bool, in the order found, of the graph W over the ``kept`` tokens
+    (default all); dropped masks are empty."""
+    kept = np.ones(int(np.prod(grid)), dtype=bool) if kept is None else kept
+    painted = np.zeros(kept.size, dtype=bool)
     found: list[np.ndarray] = []
-    previous = None
     for _ in range(params.masks):
-        graph = w.copy()
-        graph[painted] = params.eps
-        graph[:, painted] = params.eps
-        _, vectors = ncut_eigenvectors(graph, 1)
-        mask = foreground(vectors[:, 0], grid, corner_rule=True)
-        if previous is not None and (iou(mask, previous) > params.max_overlap or mask.mean() <= params.min_area):
+        free = ~painted[kept]  # the kept tokens in no mask yet
+        if free.sum() < 3:
+            found.append(np.zeros(grid, dtype=bool))
+            continue
+        _, vectors = ncut_eigenvectors(w[np.ix_(free, free)], 1)
+        full = fill_from_neighbours(vectors[:, 0], kept & ~painted, grid)
+        mask = foreground(full, grid, corner_rule=True, allowed=~painted)
+        if found and mask.mean() <= params.min_area:
             mask = np.zeros(grid, dtype=bool)
-        previous = mask
-        found.append(mask & ~painted.reshape(grid))
+        found.append(mask)
         painted |= mask.ravel()
     return found
 
@@ -131,17 +176,21 @@ def maskcut(w: np.ndarray, grid: tuple[int, int], params: BaselineParams) -> lis
 def run_baseline(layer: LayerAttention, params: BaselineParams) -> BaselineResult:
     """Eigenvectors and masks of one layer's affinity (TokenCut: one mask; MaskCut: up to N)."""
     grid = layer.grid
-    w = layer_affinity(layer, params)
+    keys = join_heads(layer.k).astype(np.float64)
+    artifacts = artifact_tokens(keys.reshape(-1, keys.shape[-1]), params.artifacts)
+    kept = ~artifacts
+    w = layer_affinity(layer, params, kept)
     values, vectors = ncut_eigenvectors(w, params.eigenvectors)
+    x = np.stack([fill_from_neighbours(v, kept, grid) for v in vectors.T]).reshape(-1, *grid)
     if params.method == "tokencut":
-        masks = [foreground(vectors[:, 0], grid, corner_rule=False)]
+        masks = [foreground(x[0].ravel(), grid, corner_rule=False)]
     else:
-        masks = maskcut(w, grid, params)
+        masks = maskcut(w, grid, params, kept)
     scores = 1 - np.arange(len(masks)) / len(masks)
-    kept = [i for i, mask in enumerate(masks) if mask.any()]
-    stacked = np.stack([masks[i] for i in kept]) if kept else np.zeros((0, *grid), dtype=bool)
+    kept_masks = [i for i, mask in enumerate(masks) if mask.any()]
+    stacked = np.stack([masks[i] for i in kept_masks]) if kept_masks else np.zeros((0, *grid), dtype=bool)
     joined = float((w == 1.0).mean()) if params.affinity == "features" else None
-    return BaselineResult(values, vectors.T.reshape(-1, *grid), stacked, scores[kept], joined)
+    return BaselineResult(values, x, stacked, scores[kept_masks], artifacts.reshape(grid), joined)
 
 
 def degenerate_warning(joined: list[float | None], tau: float) -> str | None:
@@ -151,5 +200,5 @@ def degenerate_warning(joined: list[float | None], tau: float) -> str | None:
     if not bad:
         return None
     return (f"in {len(bad)} of {len(joined)} images the features graph joins {min(bad):.0%} or more of the token "
-            f"pairs (key cosine similarity > --tau {tau}): the cut is arbitrary there; raise --tau or use "
-            "--affinity attention")
+            f"pairs (key cosine similarity > --tau {tau}): the cut is arbitrary there; use --centre, raise --tau "
+            "or use --affinity attention")
