@@ -137,7 +137,8 @@ COCO_STATS = {"ap": 0, "ap50": 1, "ar100": 8}  # indices into COCOeval.stats
 
 
 def coco_evaluate(images: list[dict], annotations: list[dict], results: list[dict]) -> dict[str, dict[str, float]]:
-    """Class-agnostic COCOeval of results (COCO results json records) against ground truth, for boxes
+    """Class-agnostic COCOeval (``useCats = 0``) of results (COCO results json records) against ground
+    truth (image records with id, height, width; annotations of category 1, renumbered), for boxes
     (``bbox``) and masks (``segm``): AP (IoU .50:.95), AP50 and AR100 each."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -155,6 +156,7 @@ def coco_evaluate(images: list[dict], annotations: list[dict], results: list[dic
         scores = {}
         for kind in ("bbox", "segm"):
             evaluation = COCOeval(truth, detections, kind)
+            evaluation.params.useCats = 0
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()

@@ -10,14 +10,17 @@ import numpy as np
 
 from pipeline.store import ArraySpec, Store
 from stages.common import (
-    dask_scheduler_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
+    dask_scheduler_option, log, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
     write_json_atomic,
 )
-from stages.decode import model_caption, pixel_masks
+from pipeline.instances import pixel_masks
+from stages.decode import model_caption
 from stages.zeroshot import zeroshot_confusion
 
 XY_GRID = 32  # X-Y regression on a 32 x 32 lattice (METHOD.md section 6)
 CONTACT_SHEET_IMAGES = 16  # images on a contact sheet (the first ones of the dataset)
+# what `lds cluster` clustered, by metric prefix: the dataset solver's X_ortho, or per-image solves
+SEMANTIC_NAMES = {"semantic": "dataset-level K-Means on X_ortho", "crossimage_kmeans": "K-Means across per-image solves (not the paper's dataset level)"}
 
 
 def named(values: list[float | None], classes: list[str] | None) -> dict[str, float | None]:
@@ -36,22 +39,31 @@ def named(values: list[float | None], classes: list[str] | None) -> dict[str, fl
 @manifest_option
 def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_path, figures, dask_scheduler, store_root, manifest):
     """X-Y regression of X_ortho; where labels exist, oracle, per-image matched and dataset-level
-    semantic mIoU; where objects exist, class-agnostic COCO AP of the proposals. Each image is scored
-    by a dask task reading the store lazily, and the results are summed by a dask reduction."""
+    semantic mIoU; where objects exist, class-agnostic COCO AP of the proposals mapped back to the
+    original images against the dataset's own annotations (read afresh from the dataset files). Each
+    image is scored by a dask task reading the store lazily, and the results are summed by a dask
+    reduction."""
     from pipeline.dask_compute import dask_scheduler as scheduler, tree_reduce
-    from pipeline.evaluation import image_totals, merge_totals
-    from pipeline.metrics import aligned_scores, coco_evaluate, matched_scores
+    from pipeline.evaluation import (
+        DatasetUnreachable, dataset_records, image_totals, instance_protocol, merge_totals, original_detections,
+        original_truth, preprocessed_detections,
+    )
+    from pipeline.metrics import aligned_scores, coco_evaluate, instance_ground_truth, matched_scores
+    from pipeline.preprocess import Geometry
 
     store = Store(store_root)
     sources = [read_manifest(path) for path in input_manifests]
     semantic_ref = read_manifest(semantic_manifest) if semantic_manifest else None
     semantic = store.open(semantic_ref)["items"] if semantic_ref else None
+    # clusters of per-image solves are not the paper's semantic segmentation: their own name (lds cluster)
+    prefix = "semantic" if semantic_ref is None or store.attrs(semantic_ref).get("basis") == "dataset" else "crossimage_kmeans"
     shards = [
         (store.open(ref)["items"], store.open(upstream(store, ref, "solve"))["items"],
          store.open(upstream(store, ref, "preprocess"))["items"], store.attrs(ref)["items"])
         for ref in sources
     ]
     classes = store.attrs(upstream(store, sources[0], "preprocess")).get("classes")
+    specs = [store.attrs(upstream(store, ref, "preprocess")).get("dataset") for ref in sources]
     zeroshot_refs = [read_manifest(path) for path in zeroshot_manifests]
     inputs = sources + ([semantic_ref] if semantic_ref else []) + zeroshot_refs
     results: dict = {}
@@ -59,9 +71,10 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
     def has_objects(decoded, images, item: str) -> bool:
         return "instances" in images[item] and "proposals" in decoded[item]
 
-    def image_task(decoded, solved, images, item: str, image_id: int):
-        """One image's Totals as a dask.delayed over arrays read lazily from the store (image_id: its
-        COCO image id when it has objects)."""
+    def image_task(decoded, solved, images, item: str, record, image_id: int):
+        """One image's Totals as a dask.delayed over arrays read lazily from the store. With objects,
+        ``record`` (its dataset record) scores them at original size, None at the preprocessed size
+        against the stored masks; ``image_id``: its COCO image id."""
         import dask.array as da
         from dask import delayed
 
@@ -69,22 +82,44 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
             return da.from_zarr(group[name]) if name in group else None
 
         regions = decoded[item]["labels"]
-        objects = proposals = None
+        objects = detections = None
         if has_objects(decoded, images, item):
-            objects = (image_id, lazy(images[item], "instances"), lazy(images[item], "instance_crowd"))
-            proposals = (delayed(pixel_masks)(lazy(decoded[item], "proposals"), regions.shape), lazy(decoded[item], "proposal_scores"))
+            proposals, scores = lazy(decoded[item], "proposals"), lazy(decoded[item], "proposal_scores")
+            if record is not None:
+                geometry = Geometry.from_dict(images[item].attrs)
+                objects = delayed(original_truth)(record, geometry)
+                detections = delayed(original_detections)(proposals, scores, geometry, image_id)
+            else:
+                objects = delayed(instance_ground_truth)(image_id, lazy(images[item], "instances"), lazy(images[item], "instance_crowd"))
+                detections = delayed(preprocessed_detections)(proposals, scores, regions.shape, image_id)
         clusters = None if semantic is None else lazy(semantic[item], "semantic")
         return delayed(image_totals)(
             lazy(solved[item], "X_ortho"), da.from_zarr(regions), XY_GRID, len(classes or ()), lazy(images[item], "labels"),
-            clusters, objects, proposals,
+            clusters, objects, detections,
         )
 
+    # objects are scored against the dataset's own annotations at original size; where the dataset cannot
+    # be read any more, against the stored resized masks (a parameter: the two are cached apart)
+    wanted: dict[str | None, dict[str, int | None]] = {}  # dataset spec -> item -> image id, of the images with objects
+    for spec, (decoded, _, images, items) in zip(specs, shards):
+        for item in items:
+            if has_objects(decoded, images, item):
+                wanted.setdefault(spec, {})[item] = images[item].attrs.get("image_id")
+    try:
+        records = {item: record for spec, ids in wanted.items() for item, record in dataset_records(spec, ids).items()}
+        protocol, instances_at = instance_protocol(list(records.values()), specs[0]), "original"
+    except DatasetUnreachable as error:
+        records, instances_at = {}, "preprocessed"
+        protocol = f"preprocessed resolution, stored resized masks (dataset unreachable: {error})"
+        log(f"evaluate: instance metrics at {protocol}")
+
     def finish(writer):
-        tasks, coco_images = [], 0
+        tasks, count = [], 0
         for decoded, solved, images, items in shards:
             for item in items:
-                tasks.append(image_task(decoded, solved, images, item, coco_images))
-                coco_images += has_objects(decoded, images, item)
+                record = records.get(item)
+                tasks.append(image_task(decoded, solved, images, item, record, record.image_id if record else count))
+                count += 1
         totals = tree_reduce(tasks, merge_totals).compute()
         xy, per_image, oracle, dataset = totals.xy, totals.matched_miou, totals.oracle, totals.semantic
         truth_images, truth_objects, detections = totals.truth_images, totals.truth_objects, totals.detections
@@ -110,15 +145,16 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
         if dataset.size:
             scores = matched_scores(dataset)
             results.update({
-                "semantic_clusters": int(dataset.shape[1]),
-                "semantic_miou": scores["miou"],
-                "semantic_pixel_accuracy": scores["pixel_accuracy"],
-                "semantic_iou_per_class": named(scores["iou_per_class"], classes),
+                f"{prefix}_clusters": int(dataset.shape[1]),
+                f"{prefix}_miou": scores["miou"],
+                f"{prefix}_pixel_accuracy": scores["pixel_accuracy"],
+                f"{prefix}_iou_per_class": named(scores["iou_per_class"], classes),
             })
-            arrays["semantic_confusion"] = ArraySpec(dataset, ("truth", "cluster"), {"description": "confusion of dataset-level clusters over the dataset"})
+            arrays[f"{prefix}_confusion"] = ArraySpec(dataset, ("truth", "cluster"), {"description": f"confusion of the {SEMANTIC_NAMES[prefix]} clusters over the dataset"})
         if truth_images:
             coco = coco_evaluate(truth_images, truth_objects, detections)
             results.update({
+                "instance_protocol": protocol,
                 "objects": len(truth_objects),
                 "proposals_per_image": len(detections) / len(truth_images),
                 **{f"{prefix}_{name}": value for kind, prefix in (("bbox", "box"), ("segm", "mask")) for name, value in coco[kind].items()},
@@ -140,7 +176,7 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
     # a baseline's run says which (lds report labels its row "model (MaskCut)")
     baseline = {"baseline": store.attrs(solved_ref)["params"]["method"]} if solved_ref.stage == "baseline" else {}
     with scheduler(dask_scheduler):
-        ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
+        ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID, "instances_at": instances_at}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
     metrics = store.attrs(ref)["metrics"]
     if metrics_path is not None:
         dataset_spec = store.attrs(upstream(store, sources[0], "preprocess")).get("dataset")
@@ -159,6 +195,6 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
                     scores = decoded[item]["proposal_scores"][...]
                 regions = semantic[item]["semantic"][...] if semantic is not None else decoded[item]["labels"][...]
                 views.append(ImageView(item, rgb, regions, proposals, scores))
-        which = "dataset-level K-Means" if semantic is not None else "K-Means per image"
+        which = SEMANTIC_NAMES[prefix] if semantic is not None else "K-Means per image"
         method = f" | {baseline['baseline']} baseline" if baseline else ""
         save_contact_sheet(figures / "contact-sheet.png", views, f"{model_caption(model_attrs)}{method} | first {len(views)} images", which)
