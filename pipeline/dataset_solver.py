@@ -8,6 +8,13 @@ and row-normalised. ``qk`` graphs compare normalised queries with normalised key
 normalised values with each other. The neighbour search runs over row chunks, so memory is bounded by
 the batch.
 
+The images are split into batches by ``partitions`` fixed shuffles, epoch e using shuffle e mod
+``partitions``: a batch's graphs are built once, the first time it comes round, and kept (in memory,
+CSR with int32 indices) for the epochs that reuse it, so after the first ``partitions`` epochs an epoch
+only optimises. Several partitions keep images of different batches meeting in a graph, which is what
+makes a channel mean the same thing across the whole dataset; one fixed partition would solve each
+batch on its own.
+
 A table holds free logits (C x R x R) per image; X = softmax over channels. For each batch the solver
 takes ``iterations`` AdamW steps on the batch's rows only (every image keeps its own moment estimates
 and step count, like the reference code's one parameter per image), then updates an exponential moving
@@ -40,11 +47,13 @@ BatchLoader = Callable[[Sequence[int], int], list[dict[str, Operands]]]
 @dataclass(frozen=True)
 class DatasetSolverParams:
     graph: str = "vv"
+    search: str = "bfloat16"  # dtype of the similarities of the neighbour search (float32: exact)
     channels: int = 100
     resolution: int = 32
     batch_size: int = 40
     iterations: int = 5
     epochs: int = 100
+    partitions: int = 2
     lr: float = 1e-2
     weight_decay: float = 0.0
     ema: float = 0.99
@@ -83,15 +92,20 @@ def coarse_layers(grids: dict[str, tuple[int, int]], resolution: int) -> list[st
 
 def knn_graph(
     left: list[torch.Tensor], right: list[torch.Tensor], intra: int, inter: int, threshold: float,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int = CHUNK_ELEMENTS, search_dtype: torch.dtype = torch.float32, symmetrised: bool = False,
 ) -> torch.Tensor:
-    """Sparse (T, T) random-walk graph over a batch's tokens; ``left[b]``, ``right[b]``: image b's
-    (tokens, features) with unit-length rows. Row i links token i to its ``intra`` most similar tokens
-    of its own image and ``inter`` of the others (similarity left_i · right_j, j != i)."""
+    """Sparse (T, T) random-walk graph A = D⁻¹ S over a batch's tokens, S = (W + Wᵀ) / 2 (COO);
+    ``left[b]``, ``right[b]``: image b's (tokens, features) with unit-length rows. Row i of W links
+    token i to its ``intra`` most similar tokens of its own image and ``inter`` of the others
+    (similarity left_i · right_j, j != i), computed in ``search_dtype`` (bfloat16: several times
+    faster on CPUs with bf16 units, similarities to about 3 significant digits, so near-ties at the k-th
+    place can change). ``symmetrised``: (A + Aᵀ) / 2 instead, as CSR, what ``symmetric_part`` makes of A
+    but without a second sort: S_ij (1/d_i + 1/d_j) / 2 on the support of S."""
     sizes = [part.shape[0] for part in left]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     total = offsets[-1]
     keys = torch.cat(right)
+    search_keys = keys.to(search_dtype)
     rows_per_chunk = max(1, chunk_elements // total)
     # row i: its own image's neighbours first, then the others'; slots left empty stay at -inf
     values = torch.full((total, intra + inter), -torch.inf, device=keys.device)
@@ -102,13 +116,14 @@ def knn_graph(
         for start in range(0, sizes[image], rows_per_chunk):
             stop = min(start + rows_per_chunk, sizes[image])
             rows = slice(low + start, low + stop)
-            similarity = queries[start:stop] @ keys.T  # (chunk, T)
+            similarity = queries[start:stop].to(search_dtype) @ search_keys.T  # (chunk, T)
             chunk = torch.arange(stop - start, device=similarity.device)
             similarity[chunk, low + start + chunk] = -torch.inf  # self
-            values[rows, :own_count], cols[rows, :own_count] = similarity[:, low:high].topk(own_count, dim=1)
-            cols[rows, :own_count] += low
+            own = similarity[:, low:high].topk(own_count, dim=1, sorted=False)
+            values[rows, :own_count], cols[rows, :own_count] = own.values.float(), own.indices + low
             similarity[:, low:high] = -torch.inf
-            values[rows, intra : intra + other_count], cols[rows, intra : intra + other_count] = similarity.topk(other_count, dim=1)
+            other = similarity.topk(other_count, dim=1, sorted=False)
+            values[rows, intra : intra + other_count], cols[rows, intra : intra + other_count] = other.values.float(), other.indices
     keep = values > threshold
     row = torch.arange(total, device=keys.device)[:, None].expand_as(cols)[keep]
     col, value = cols[keep], values[keep] / 2
@@ -118,16 +133,24 @@ def knn_graph(
     ).coalesce()
     (row, col), value = symmetric.indices(), symmetric.values()
     degree = torch.zeros(total, dtype=value.dtype, device=value.device).index_add_(0, row, value)
-    return torch.sparse_coo_tensor(
-        symmetric.indices(), value / degree[row], (total, total), is_coalesced=True, check_invariants=False
-    )
+    value = value * (1 / degree[row] + 1 / degree[col]) / 2 if symmetrised else value / degree[row]
+    graph = torch.sparse_coo_tensor(symmetric.indices(), value, (total, total), is_coalesced=True, check_invariants=False)
+    return compact_csr(graph) if symmetrised else graph
+
+
+def compact_csr(graph: torch.Tensor) -> torch.Tensor:
+    """A coalesced sparse COO matrix as CSR with int32 indices (the graph cache's size)."""
+    with warnings.catch_warnings():  # CSR is "beta" in torch, and twice as fast as COO here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = graph.to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                       check_invariants=False)
 
 
 def symmetric_part(graph: torch.Tensor) -> torch.Tensor:
-    """(A + Aᵀ) / 2 as sparse CSR: it has the quadratic forms of A (zᵀ A z) and is its own transpose."""
-    with warnings.catch_warnings():  # CSR is "beta" in torch, and twice as fast as COO here
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return ((graph + graph.t()) / 2).coalesce().to_sparse_csr()
+    """(A + Aᵀ) / 2 as sparse CSR with int32 indices: it has the quadratic forms of A (zᵀ A z) and is
+    its own transpose."""
+    return compact_csr(((graph + graph.t()) / 2).coalesce())
 
 
 class _SymmetricProduct(torch.autograd.Function):
@@ -155,7 +178,8 @@ def batch_graphs(images: list[dict[str, Operands]], params: DatasetSolverParams,
         grids = [tuple(image[name][0].shape[:2]) for image in images]
         left = [unit_rows(image[name][0]) for image in images]
         right = [unit_rows(image[name][1]) for image in images]
-        matrix = symmetric_part(knn_graph(left, right, params.intra, params.inter, params.threshold))
+        matrix = knn_graph(left, right, params.intra, params.inter, params.threshold,
+                           search_dtype=getattr(torch, params.search), symmetrised=True)
         coarsest_side = max(max(grid) for grid in grids)
         graphs.append(LayerGraph(name, grids, matrix, params.resolution / coarsest_side))
     return graphs
@@ -226,16 +250,28 @@ class DatasetSolver:
         self.ema_updates = 0
         self.epoch = 0
         self.losses: list[list[float]] = []  # (epoch, batch): loss at the last iteration of each batch
+        self.graph_cache: dict[tuple[int, int], list[LayerGraph]] = {}  # (partition, batch) -> its graphs
 
     @property
     def images(self) -> int:
         return self.logits.shape[0]
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's image order, shuffled from (seed, epoch), in near-equal batches of at most
-        ``batch_size``: every image once per epoch, the same order however the run is interrupted."""
-        order = np.random.default_rng([self.params.seed, epoch]).permutation(self.images)
+        """The epoch's partition of the images: shuffle epoch mod ``partitions``, drawn from (seed, that
+        number), in near-equal batches of at most ``batch_size``; every image once per epoch, the same
+        batches however the run is interrupted."""
+        order = np.random.default_rng([self.params.seed, epoch % self.params.partitions]).permutation(self.images)
         return np.array_split(order, math.ceil(self.images / self.params.batch_size))
+
+    def graphs_of(self, epoch: int, batches: list[np.ndarray], number: int, load_batch: BatchLoader) -> list[LayerGraph]:
+        """The graphs of ``batches[number]`` (the epoch's partition): built from ``load_batch(rows, draw)``
+        the first time (draw = partition * batches + number, so a rebuild after a resume is identical),
+        then taken from the cache."""
+        key = (epoch % self.params.partitions, number)
+        if key not in self.graph_cache:
+            images = load_batch(batches[number].tolist(), key[0] * len(batches) + number)
+            self.graph_cache[key] = batch_graphs(images, self.params, self.device)
+        return self.graph_cache[key]
 
     def train_batch(self, rows: np.ndarray, graphs: list[LayerGraph]) -> float:
         """``iterations`` AdamW steps on the batch's rows of the table, then one EMA update."""
@@ -258,16 +294,14 @@ class DatasetSolver:
 
     def train(self, load_batch: BatchLoader, on_epoch: Callable[["DatasetSolver"], None] | None = None,
               progress: bool = False) -> None:
-        """Run the epochs left, building each batch's graphs from ``load_batch(rows, draw)``; ``on_epoch``
-        is called after every epoch (to save a checkpoint)."""
+        """Run the epochs left, each batch's graphs built once from ``load_batch(rows, draw)`` and cached;
+        ``on_epoch`` is called after every epoch (to save a checkpoint)."""
         for epoch in tqdm(range(self.epoch, self.params.epochs), desc="epochs", initial=self.epoch,
                           total=self.params.epochs, disable=not progress):
             losses = []
             batches = self.batches(epoch)
             for number, rows in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)):
-                images = load_batch(rows.tolist(), epoch * len(batches) + number)
-                graphs = batch_graphs(images, self.params, self.device)
-                losses.append(self.train_batch(rows, graphs))
+                losses.append(self.train_batch(rows, self.graphs_of(epoch, batches, number, load_batch)))
             self.losses.append(losses)
             self.epoch = epoch + 1
             if on_epoch is not None:

@@ -58,6 +58,22 @@ def read_operands(image, layers: list[str], graph: str, resolution: int, item: s
     return operands
 
 
+def pick_layers(coarse: list[str], wanted: str | None) -> list[str]:
+    """The layers a comma-separated ``--layers`` names (stored names, or indices among ``coarse``, the
+    layers at the solver's resolution or coarser); all of ``coarse`` when it names none."""
+    if not wanted:
+        return coarse
+    picked = []
+    for name in (part.strip() for part in wanted.split(",") if part.strip()):
+        if name in coarse:
+            picked.append(name)
+        elif name.lstrip("-").isdigit() and -len(coarse) <= int(name) < len(coarse):
+            picked.append(coarse[int(name)])
+        else:
+            raise LdsError(f"layer {name!r} is not among the layers at the solver's resolution or coarser: {', '.join(coarse)}")
+    return list(dict.fromkeys(picked))
+
+
 def save_checkpoint(store: Store, state: dict, name: str) -> None:
     """Write the solver state into the store, whole or not at all."""
     import torch
@@ -83,7 +99,10 @@ def load_checkpoint(store: Store, name: str) -> dict | None:
 @click.option("--batch-size", type=click.IntRange(1), default=40, show_default=True, help="Images per batch (per kNN graph).")
 @click.option("--iterations", type=click.IntRange(1), default=5, show_default=True, help="AdamW steps per batch.")
 @click.option("--epochs", type=click.IntRange(1), default=100, show_default=True, help="Passes over the dataset.")
+@click.option("--partitions", type=click.IntRange(1), default=2, show_default=True, help="Fixed shuffles of the images into batches, cycled over the epochs; each batch's graphs are built once and kept in memory.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-2, show_default=True)
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True, help="Decay of the moving average of X, one update per batch.")
+@click.option("--layers", "layer_names", default=None, help="Comma-separated layer names or indices among those at --resolution or coarser (default: all).")
 @click.option("--intra", type=click.IntRange(0), default=50, show_default=True, help="Neighbours per token in its own image.")
 @click.option("--inter", type=click.IntRange(0), default=50, show_default=True, help="Neighbours per token in the batch's other images.")
 @click.option("--threshold", type=float, default=0.1, show_default=True, help="Similarities at or below it are dropped.")
@@ -91,8 +110,8 @@ def load_checkpoint(store: Store, name: str) -> dict | None:
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:N.")
 @store_option
 @click.option("--manifest", "manifests", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="One per --input, in the same order: that shard's solve manifest.")
-def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iterations, epochs, lr, intra, inter,
-                  threshold, seed, device, store_root, manifests):
+def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iterations, epochs, partitions, lr, ema,
+                  layer_names, intra, inter, threshold, seed, device, store_root, manifests):
     """Solve for one X per image over all shards at once, on sparse kNN graphs across each batch of images."""
     from pipeline.dataset_solver import (
         DatasetSolver, DatasetSolverParams, coarse_layers, dataset_orthogonalise, operand_names,
@@ -119,21 +138,22 @@ def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iter
     device = resolve_device(device)
 
     settings = DatasetSolverParams(graph=graph, channels=channels, resolution=resolution, batch_size=batch_size,
-                                   iterations=iterations, epochs=epochs, lr=lr, intra=intra, inter=inter,
+                                   iterations=iterations, epochs=epochs, partitions=partitions, lr=lr, ema=ema, intra=intra, inter=inter,
                                    threshold=threshold, seed=seed)
-    params = asdict(settings)
+    first = groups[0][items[0]]["layers"]
+    grids = {name: layer_grid(group[operand_names(graph)[0]]) for name, group in sorted(first.groups())}
+    coarse = coarse_layers(grids, resolution)
+    if not coarse:
+        coarsest = min(grids.values(), key=lambda g: g[0] * g[1]) if grids else None
+        raise LdsError(f"extract/{sources[0].key} has no attention layer at {resolution}x{resolution} or coarser "
+                       f"(coarsest: {coarsest}); preprocess to a smaller size or raise --resolution")
+    layers = pick_layers(coarse, layer_names)
+
+    params = {**asdict(settings), "layers": layers}
     joint = ArtifactRef(STAGE, artifact_key(STAGE, STAGE_VERSIONS[STAGE], params, [s.key for s in sources]))
     checkpoint = f"{STAGE}/{joint.key}.checkpoint.pt"
     location = [(groups[shard], item) for shard, names in enumerate(shard_items) for item in names]
     index = {item: i for i, item in enumerate(items)}
-
-    first = groups[0][items[0]]["layers"]
-    grids = {name: layer_grid(group[operand_names(graph)[0]]) for name, group in sorted(first.groups())}
-    layers = coarse_layers(grids, resolution)
-    if not layers:
-        coarsest = min(grids.values(), key=lambda g: g[0] * g[1]) if grids else None
-        raise LdsError(f"extract/{sources[0].key} has no attention layer at {resolution}x{resolution} or coarser "
-                       f"(coarsest: {coarsest}); preprocess to a smaller size or raise --resolution")
 
     def load_batch(rows: list[int], draw: int) -> list[dict]:
         return [

@@ -1,5 +1,6 @@
 """Dask: the dataset-level K-Means and evaluate's sums over images give the same results on a
-dask.distributed cluster (a LocalCluster on loopback) as on the local threaded scheduler."""
+dask.distributed cluster (a LocalCluster on loopback) as on the local threaded scheduler; `lds cluster`
+clusters a solve-dataset artifact's X_ortho, and K-Means across per-image solves keeps its own name."""
 
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ def dask_cluster():
         yield cluster.scheduler_address
 
 
-def planted_store(root) -> tuple[Store, list[ArtifactRef], dict[str, np.ndarray]]:
-    """Preprocess, solve and decode artifacts of two shards: X is a class mean per token plus noise (the
-    classes share means across images), labels and objects follow the planted classes. Returns the
-    store, the decode refs and each image's planted token classes."""
+def planted_store(root, solver: str = "solve-dataset") -> tuple[Store, list[ArtifactRef], dict[str, np.ndarray]]:
+    """Preprocess, solve (stage ``solver``) and decode artifacts of two shards, labels and objects
+    following planted classes. solve-dataset: X_ortho is a class mean per token plus noise (the classes
+    share means across images) and X is noise, so only X_ortho holds the classes; solve: X and X_ortho
+    are both the planted features. Returns the store, the decode refs and each image's planted token
+    classes."""
     rng = np.random.default_rng(0)
     means = rng.normal(size=(CLASSES, CHANNELS)) * 2
     store, decoded, truths = Store(root), [], {}
     for shard in range(2):
-        pre, sol, dec = (ArtifactRef(stage, f"{stage}{shard}") for stage in ("preprocess", "solve", "decode"))
+        pre, sol, dec = (ArtifactRef(stage, f"{stage}{shard}") for stage in ("preprocess", solver, "decode"))
         writers = [store.writer(pre, {"params": {}, "classes": ["a", "b", "c"]}, []),
                    store.writer(sol, {"params": {}}, [pre]), store.writer(dec, {"params": {}}, [sol])]
         names = [f"img{shard}{i}" for i in range(3)]
@@ -50,7 +53,9 @@ def planted_store(root) -> tuple[Store, list[ArtifactRef], dict[str, np.ndarray]
                 "instances": ArraySpec(np.stack([pixels == 1, pixels == 2]), ("instance", "y", "x")),
                 "instance_crowd": ArraySpec(np.array([False, False]), ("instance",)),
             })
-            writers[1].write_item(name, {"X": ArraySpec(x, ("channel", "y", "x")), "X_ortho": ArraySpec(x, ("component", "y", "x"))})
+            noise = rng.random(x.shape).astype(np.float32)
+            writers[1].write_item(name, {"X": ArraySpec(noise if solver == "solve-dataset" else x, ("channel", "y", "x")),
+                                         "X_ortho": ArraySpec(x, ("component", "y", "x"))})
             writers[2].write_item(name, {
                 "labels": ArraySpec(regions, ("y", "x")),
                 "proposals": ArraySpec(np.stack([tokens == c for c in range(CLASSES)]), ("proposal", "y", "x")),
@@ -72,8 +77,12 @@ def lds(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def run_cluster(store: Store, tmp_path, *extra) -> ArtifactRef:
-    inputs = [arg for shard in range(2) for arg in ("--input", manifest(tmp_path / f"solve{shard}.json", ArtifactRef("solve", f"solve{shard}")))]
+def solve_inputs(tmp_path, solver: str = "solve-dataset") -> list:
+    return [arg for shard in range(2) for arg in ("--input", manifest(tmp_path / f"solve{shard}.json", ArtifactRef(solver, f"{solver}{shard}")))]
+
+
+def run_cluster(store: Store, tmp_path, *extra, solver: str = "solve-dataset") -> ArtifactRef:
+    inputs = solve_inputs(tmp_path, solver)
     result = lds("cluster", *inputs, "--clusters", CLASSES, "--store", store.root, "--manifest", tmp_path / "cluster.json", *extra)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return read_manifest(tmp_path / "cluster.json")
@@ -82,19 +91,52 @@ def run_cluster(store: Store, tmp_path, *extra) -> ArtifactRef:
 def cluster_maps(store: Store, ref: ArtifactRef) -> dict[str, np.ndarray]:
     group = store.open(ref)
     names = [f"items/{item}/{name}" for item in group.attrs["items"] for name in ("semantic_tokens", "semantic")]
-    return {name: group[name][...] for name in [*names, "centroids", "projection"]}
+    return {name: group[name][...] for name in [*names, "centroids"]}
+
+
+def planted_agreement(store: Store, ref: ArtifactRef, truths: dict[str, np.ndarray]) -> float:
+    """Adjusted Rand index of the stored token clusters against the planted classes."""
+    from sklearn.metrics import adjusted_rand_score
+
+    tokens = store.open(ref)["items"]
+    predicted = np.concatenate([tokens[item]["semantic_tokens"][...].ravel() for item in truths])
+    return adjusted_rand_score(np.concatenate([t.ravel() for t in truths.values()]), predicted)
+
+
+def test_cluster_reads_the_solve_dataset_x_ortho_not_a_projection_of_x(tmp_path):
+    # X is noise and X_ortho holds the classes: only clustering X_ortho itself finds them
+    store, _, truths = planted_store(tmp_path / "store")
+    ref = run_cluster(store, tmp_path, "--components", 4)
+    assert store.attrs(ref)["basis"] == "dataset" and store.attrs(ref)["params"]["features"] == "X_ortho"
+    assert planted_agreement(store, ref, truths) > 0.95
+    assert store.open(ref)["centroids"].shape == (CLASSES, 4) and "projection" not in store.open(ref)
+    mixed = lds("cluster", "--input", manifest(tmp_path / "a.json", ArtifactRef("solve-dataset", "solve-dataset0")),
+                "--input", manifest(tmp_path / "b.json", ArtifactRef("solve", "solve1")), "--store", store.root)
+    assert mixed.exit_code != 0 and "all `lds solve-dataset` manifests, or all per-image ones" in mixed.output
+
+
+def test_kmeans_across_per_image_solves_is_scored_under_its_own_name(tmp_path):
+    from pipeline.report import tables
+
+    store, decoded, truths = planted_store(tmp_path / "store", solver="solve")
+    ref = run_cluster(store, tmp_path, solver="solve")
+    assert store.attrs(ref)["basis"] == "per-image" and store.open(ref)["projection"].shape == (CHANNELS, CLASSES)
+    assert planted_agreement(store, ref, truths) > 0.95
+    args = [a for shard, ref in enumerate(decoded) for a in ("--input", manifest(tmp_path / f"decode{shard}.json", ref))]
+    result = lds("evaluate", *args, "--semantic", tmp_path / "cluster.json", "--store", store.root, "--metrics", tmp_path / "metrics.json")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["crossimage_kmeans_miou"] > 0.9 and not [key for key in metrics if key.startswith("semantic_")]
+    titles = [table.title for table in tables([{"dataset": "d", "model": "m", **metrics}])]
+    assert [t for t in titles if "per-image solves" in t] and not [t for t in titles if t.startswith("Unsupervised semantic")]
 
 
 def test_dataset_kmeans_on_a_local_cluster_equals_the_local_threads(tmp_path, dask_cluster):
-    from sklearn.metrics import adjusted_rand_score
-
     store, _, truths = planted_store(tmp_path / "store")
     local = run_cluster(store, tmp_path)
     expected = cluster_maps(store, local)
     assert store.attrs(local)["clusters_chosen"] == CLASSES
-    tokens = store.open(local)["items"]
-    predicted = np.concatenate([tokens[item]["semantic_tokens"][...].ravel() for item in truths])
-    assert adjusted_rand_score(np.concatenate([t.ravel() for t in truths.values()]), predicted) > 0.95
+    assert planted_agreement(store, local, truths) > 0.95
     store.remove(local)
     distributed = run_cluster(store, tmp_path, "--dask-scheduler", dask_cluster)
     assert distributed == local  # the scheduler is not a parameter of the result
@@ -160,7 +202,7 @@ def test_an_unreachable_scheduler_is_one_line_naming_it(tmp_path):
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     store, _, _ = planted_store(tmp_path / "store")
-    inputs = [arg for shard in range(2) for arg in ("--input", manifest(tmp_path / f"solve{shard}.json", ArtifactRef("solve", f"solve{shard}")))]
+    inputs = solve_inputs(tmp_path)
     result = CliRunner(env={"LDS_DASK_SCHEDULER": address}).invoke(cli, ["cluster", *map(str, inputs), "--store", str(store.root)])
     assert result.exit_code != 0
     message = result.output.strip()

@@ -67,22 +67,29 @@ def unit(rng: np.random.Generator, tokens: int, features: int = 4) -> np.ndarray
 
 
 @pytest.mark.parametrize("chunk_elements", [20, 1 << 24])  # one row per chunk, and everything at once
-def test_knn_graph_matches_brute_force_reference(chunk_elements):
+# bfloat16 similarities hold about 3 significant digits; there are no near-ties here, so the same neighbours
+@pytest.mark.parametrize("search_dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_knn_graph_matches_brute_force_reference(chunk_elements, search_dtype, atol):
     rng = np.random.default_rng(0)
     sizes = [5, 7, 6]  # images of different token counts
     left = [unit(rng, n) for n in sizes]
     right = [unit(rng, n) for n in sizes]  # qk: queries against other vectors, so A is not symmetric
     graph = knn_graph([torch.from_numpy(x).float() for x in left], [torch.from_numpy(x).float() for x in right],
-                      intra=3, inter=4, threshold=0.1, chunk_elements=chunk_elements)
+                      intra=3, inter=4, threshold=0.1, chunk_elements=chunk_elements, search_dtype=search_dtype)
     dense = graph.to_dense().double().numpy()
     w, expected = brute_force_knn(left, right, 3, 4, 0.1)
-    np.testing.assert_allclose(dense, expected, atol=1e-6)
+    np.testing.assert_allclose(dense, expected, atol=atol)
+    np.testing.assert_array_equal(dense > 0, expected > 0)
     assert np.count_nonzero(w) > 0 and (w[w != 0] > 0.1).all()
     assert np.count_nonzero(w) < sum(sizes) * 7  # the threshold dropped some neighbours
     nonempty = dense.sum(1) > 0
     np.testing.assert_allclose(dense.sum(1)[nonempty], 1, atol=1e-6)
     np.testing.assert_array_equal(dense > 0, dense.T > 0)  # symmetrised support
     assert np.diag(dense).max() == 0
+    symmetrised = knn_graph([torch.from_numpy(x).float() for x in left], [torch.from_numpy(x).float() for x in right],
+                            intra=3, inter=4, threshold=0.1, chunk_elements=chunk_elements, search_dtype=search_dtype,
+                            symmetrised=True)
+    np.testing.assert_allclose(symmetrised.to_dense().numpy(), symmetric_part(graph).to_dense().numpy(), atol=1e-7)
 
 
 def test_knn_graph_keeps_every_intra_and_inter_neighbour_above_the_threshold():
@@ -109,6 +116,9 @@ def test_concat_heads_and_layer_selection():
     assert concat_heads(joined) is joined
     grids = {"a": (64, 64), "b": (32, 32), "c": (16, 16), "d": (24, 40)}
     assert coarse_layers(grids, 32) == ["b", "c"]
+    from stages.solve_dataset import pick_layers
+
+    assert pick_layers(["b", "c", "e"], None) == ["b", "c", "e"] and pick_layers(["b", "c", "e"], "-1, b,e") == ["e", "b"]
 
 
 def test_read_operands_draws_one_stored_timestep_per_image_for_every_layer(tmp_path):
@@ -200,6 +210,22 @@ def test_dataset_orthogonalise_is_one_svd_over_all_tokens():
     np.testing.assert_allclose(got.T @ got, np.diag(s**2), atol=1e-5)
 
 
+def test_dataset_orthogonalise_normalises_channels_before_the_svd():
+    # two channels over 8 tokens (2 images of 2x2): unit vectors a, b with a · b = 1/2, a scaled by 10.
+    # Normalised, the Gram matrix is [[1, 1/2], [1/2, 1]]: components (a + b)/√2 and (a - b)/√2 with
+    # singular values √(3/2) and √(1/2), whatever the scale; without it the first component is a.
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0]) / 2
+    b = np.array([0, 0, 1, 1, 1, 1, 0, 0]) / 2
+    x = np.stack([10 * a, b]).reshape(2, 2, 2, 2).transpose(1, 0, 2, 3)  # (images, C, 2, 2)
+    got = dataset_orthogonalise(x).transpose(1, 0, 2, 3).reshape(2, 8)  # (component, token)
+    first, second = (a + b) / np.sqrt(2), (a - b) / np.sqrt(2)
+    np.testing.assert_allclose(got[0] * np.sign(got[0] @ first), first, atol=1e-6)
+    np.testing.assert_allclose(got[1] * np.sign(got[1] @ second), second, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1) ** 2, [1.5, 0.5], atol=1e-6)
+    raw = np.linalg.svd(np.stack([10 * a, b]).T, full_matrices=False)[0][:, 0]  # the un-normalised SVD
+    assert abs(raw @ first) / np.linalg.norm(first) < 0.9 and abs(raw @ a) > 0.99
+
+
 # ------------------------------------------------------------------------------ planted structure, resume
 
 CLUSTERS, FEATURES = 3, 16
@@ -234,6 +260,32 @@ def test_planted_clusters_are_recovered_consistently_across_images():
     regions = kmeans_labels(np.concatenate(list(x_ortho), axis=1), CLUSTERS)  # images stacked along y
     confusion = confusion_matrix(labels.reshape(-1, 8).ravel(), regions.ravel(), CLUSTERS, CLUSTERS)
     assert matched_scores(confusion)["miou"] > 0.9
+
+
+def test_cached_graphs_give_the_same_solution_as_rebuilding_them_every_epoch():
+    data, _ = planted_dataset(6, seed=3)
+    params = replace(PLANTED, batch_size=3, epochs=5, partitions=2)
+
+    def run(rebuild: bool) -> tuple[DatasetSolver, list[tuple[tuple[int, ...], int]]]:
+        loads = []
+
+        def load(rows, draw):
+            loads.append((tuple(rows), draw))
+            return [data[r] for r in rows]
+
+        solver = DatasetSolver(6, params)
+        solver.train(load, (lambda s: s.graph_cache.clear()) if rebuild else None)
+        return solver, loads
+
+    (cached, cached_loads), (rebuilt, rebuilt_loads) = run(False), run(True)
+    assert len(cached_loads) == 2 * 2 and len(rebuilt_loads) == 5 * 2  # partitions x batches, epochs x batches
+    assert set(rebuilt_loads) == set(cached_loads)  # a rebuild asks for the same images and draw
+    for name in ("logits", "exp_avg", "exp_avg_sq", "steps", "ema"):
+        assert torch.equal(getattr(cached, name), getattr(rebuilt, name)), name
+    assert cached.losses == rebuilt.losses
+    for epoch in range(2):  # the partitions come round again, and differ from each other
+        assert [b.tolist() for b in cached.batches(epoch)] == [b.tolist() for b in cached.batches(epoch + 2)]
+    assert [b.tolist() for b in cached.batches(0)] != [b.tolist() for b in cached.batches(1)]
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
@@ -398,3 +450,5 @@ def test_solve_dataset_cli_errors_are_one_line(tmp_path):
     too_fine = lds("solve-dataset", "--input", inputs[0], "--resolution", 2, "--store", store.root)
     assert too_fine.exit_code != 0 and "no attention layer at 2x2 or coarser" in too_fine.output
     assert "Traceback" not in too_fine.output
+    finer = lds("solve-dataset", "--input", inputs[0], "--resolution", 4, "--layers", "block01,block02", "--store", store.root)
+    assert finer.exit_code != 0 and "layer 'block02' is not among the layers at the solver's resolution or coarser: block00, block01" in finer.output
