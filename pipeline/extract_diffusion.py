@@ -1,7 +1,8 @@
 """Self-attention queries, keys and values of a Stable Diffusion UNet (METHOD.md sections 1, 3, 4).
 
-The image is VAE-encoded (posterior mean x scaling factor), noised at each sampled timestep with the
-training schedule, and the UNet is run with the empty-prompt embedding. Forward hooks on ``to_q``,
+The image is VAE-encoded (posterior mean x scaling factor), noised at each timestep of a sampled pool
+(its own Gaussian noise per timestep) with the training schedule, and the UNet is run with the
+empty-prompt embedding. Forward hooks on ``to_q``,
 ``to_k``, ``to_v`` of every self-attention module (``attn1``; cross-attention ``attn2`` is never read)
 copy the projections into preallocated arrays of the output dtype, so no N x N matrix outlives the
 layer that computes it.
@@ -30,7 +31,11 @@ def item_generator(seed: int, item: str) -> torch.Generator:
 
 
 def sample_timesteps(count: int, max_timestep: int, generator: torch.Generator) -> list[int]:
-    """``count`` distinct timesteps drawn uniformly from 0..max_timestep, ascending."""
+    """A pool of ``count`` distinct timesteps drawn uniformly from 0..max_timestep, ascending.
+
+    The paper samples a timestep and noise in every forward pass; lds stores such a pool (each timestep
+    with its own noise, see ``extract_attention_sd``) and the solver's buffer draws from it.
+    """
     if not 1 <= count <= max_timestep + 1:
         raise LdsError(f"--timesteps {count} must be between 1 and --max-timestep + 1 = {max_timestep + 1}")
     return sorted(torch.randperm(max_timestep + 1, generator=generator)[:count].tolist())

@@ -3,10 +3,11 @@
 ``solve_adam`` is the paper's optimisation: X (m channels on the finest grid, softmax over channels,
 either free features or the reference code's small conv net) is average-pooled to each graph's
 resolution, and the loss pushes diag(Zᵀ A Z) towards 1 while keeping the columns of Z orthogonal.
-Graphs come from an ``AttentionBuffer``: one fixed set for ViTs, a buffer over the stored timesteps for
-Stable Diffusion. ``solve_exact`` computes the leading eigenvectors of the sum of the symmetrised graphs
-directly (Lanczos through scipy's eigsh), holding at most one N x N matrix per resolution, or none at all
-above ``dense_limit`` tokens, where graphs are applied block by block from Q and K.
+Graphs come from an ``AttentionBuffer``: one fixed set for ViTs; for Stable Diffusion a buffer of a few
+sets over the pool of stored timesteps, refreshed with sets not already in it. ``solve_exact`` computes
+the leading eigenvectors of the sum of the symmetrised graphs directly (Lanczos through scipy's eigsh),
+holding at most one N x N matrix per resolution, or none at all above ``dense_limit`` tokens, where
+graphs are applied block by block from Q and K.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from pipeline.errors import LdsError
 from pipeline.extract import LayerAttention
 from pipeline.graphs import GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised
-from pipeline.solver_params import GraphOptions, SolverParams
+from pipeline.solver_params import GraphOptions, SolverParams, resolve_accumulate
 
 DENSE_LIMIT = 4096  # tokens (64 x 64): above this the exact solver applies graphs from Q and K
 
@@ -114,18 +115,22 @@ def orthogonalise(x: np.ndarray) -> np.ndarray:
 class AttentionBuffer:
     """The attention sets the Adam solver draws from (METHOD.md section 3).
 
-    ``builders[i]()`` builds the graphs of stored attention set i (a Stable Diffusion timestep). The buffer
-    keeps up to ``size`` built sets; each draw takes a new set with probability ``refresh`` (always while
-    the buffer is empty), replacing the oldest, and otherwise reuses a random buffered one. With a single
-    attention set (ViTs) every draw returns it.
+    ``builders[i]()`` builds the graphs of pool member i (a Stable Diffusion timestep with its own noise).
+    The buffer keeps up to ``size`` built sets. Each draw brings in a new set with probability ``refresh``
+    (always while the buffer is empty): one drawn uniformly from the pool members NOT in the buffer,
+    replacing the oldest once the buffer is full; otherwise, or when every pool member is already
+    buffered, it reuses a buffered set drawn uniformly. With a single attention set (ViTs) every draw
+    returns it.
     """
 
     def __init__(self, builders: list[Callable[[], list[GraphSet]]], size: int = 5, refresh: float = 0.25, seed: int = 0):
+        if size < 1 or not 0 <= refresh <= 1:
+            raise ValueError(f"attention buffer size {size} must be >= 1 and refresh {refresh} within [0, 1]")
         self.builders = builders
         self.size = size
         self.refresh = refresh
         self.random = random.Random(seed)
-        self.sets: OrderedDict[int, list[GraphSet]] = OrderedDict()
+        self.sets: OrderedDict[int, list[GraphSet]] = OrderedDict()  # pool index -> graphs, oldest first
 
     @classmethod
     def fixed(cls, sets: list[GraphSet]) -> AttentionBuffer:
@@ -133,17 +138,18 @@ class AttentionBuffer:
 
     @classmethod
     def from_layers(cls, layer_sets: list[list[LayerAttention]], params: SolverParams, device: str) -> AttentionBuffer:
-        """One attention set per stored timestep, graphs built on first use."""
+        """One pool member per stored attention set (timestep), its graphs built each time it enters the buffer."""
         builders = [lambda layers=layers: graph_sets(layers, params.graphs, device) for layers in layer_sets]
         return cls(builders, params.buffer, params.refresh, params.seed)
 
     def draw(self) -> list[GraphSet]:
-        if not self.sets or (len(self.builders) > 1 and self.random.random() < self.refresh):
-            index = self.random.randrange(len(self.builders))
-            if index not in self.sets:
-                self.sets[index] = self.builders[index]()
-                if len(self.sets) > self.size:
-                    self.sets.popitem(last=False)
+        """The attention set of one forward pass."""
+        unbuffered = [index for index in range(len(self.builders)) if index not in self.sets]
+        if unbuffered and (not self.sets or self.random.random() < self.refresh):
+            index = self.random.choice(unbuffered)
+            self.sets[index] = self.builders[index]()
+            if len(self.sets) > self.size:
+                self.sets.popitem(last=False)
             return self.sets[index]
         return self.sets[self.random.choice(list(self.sets))]
 
@@ -184,11 +190,13 @@ def initial_logits(u: np.ndarray) -> torch.Tensor:
 def solve_adam(
     source: list[GraphSet] | AttentionBuffer, params: SolverParams, progress: bool = False, init: np.ndarray | None = None
 ) -> Solution:
-    """The paper's optimisation: Adam on X (softmax over channels), ``params.accumulate`` passes per step.
+    """The paper's optimisation: Adam on X (softmax over channels), ``params.accumulate`` passes per step
+    (``auto``: 20 when the buffer's pool holds several attention sets, else 1), each drawing from the buffer.
 
     ``init`` (eigenvectors U, e.g. from ``solve_exact``) warm-starts free features.
     """
     buffer = source if isinstance(source, AttentionBuffer) else AttentionBuffer.fixed(source)
+    passes = resolve_accumulate(params.accumulate, len(buffer.builders))
     first = buffer.draw()
     device = first[0].matrices.device
     grid = finest_grid(first)
@@ -203,10 +211,10 @@ def solve_adam(
     for step in tqdm(range(params.steps), desc="solve", disable=not progress, leave=False):
         optimiser.zero_grad()
         total = 0.0
-        for _ in range(params.accumulate):
+        for _ in range(passes):
             loss, _, _ = objective(torch.softmax(field(), dim=0), buffer.draw(), params.weight_eig, params.weight_ortho)
-            (loss / params.accumulate).backward()
-            total += loss.item() / params.accumulate
+            (loss / passes).backward()
+            total += loss.item() / passes
         optimiser.step()
         losses[step] = total
     with torch.no_grad():

@@ -14,6 +14,7 @@ from pipeline.store import ArraySpec, Store
 from stages.common import input_option, manifest_option, read_manifest, run_stage, store_option
 
 DIMS = ("head", "y", "x", "dim")
+TIMESTEP_POOL = 20  # Stable Diffusion: attention sets per image, four times lds solve's buffer of 5
 
 
 @click.command()
@@ -22,7 +23,7 @@ DIMS = ("head", "y", "x", "dim")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights: a state dict (.safetensors / .pth), a save_pretrained folder (transformers; diffusers layout for Stable Diffusion), or the .onnx of dinov2-s14-imgfocus.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed of random models; Stable Diffusion: also its timesteps and noise.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--timesteps", type=click.IntRange(1), default=5, show_default=True, help="Stable Diffusion: timesteps per image, each stored (a leading timestep axis).")
+@click.option("--timesteps", type=click.IntRange(1), default=TIMESTEP_POOL, show_default=True, help="Stable Diffusion: the pool of distinct timesteps per image, each with its own noise and stored (a leading timestep axis); lds solve's buffer draws from it, so keep it larger than --buffer.")
 @click.option("--max-timestep", type=click.IntRange(0, 999), default=250, show_default=True, help="Stable Diffusion: timesteps drawn uniformly from 0..this (dataset mode: 300).")
 @click.option("--max-resolution", type=click.IntRange(1), default=None, help="Dataset mode: keep only layers whose grid is this or coarser (32).")
 @click.option("--upsample-to", type=click.IntRange(1), default=None, help="Resize every layer's Q/K/V maps bicubically to this many tokens per side (MAE at 224: 28, the CLIP / DINO grid at 448).")

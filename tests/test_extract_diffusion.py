@@ -22,8 +22,10 @@ from pipeline.extract_diffusion import (
 from pipeline.models import get_spec
 from pipeline.models.build import build_model
 from pipeline.models.diffusion import empty_prompt_ids, random_parts
+from pipeline.solver_params import SolverParams
 from pipeline.store import ArtifactRef, Store
 from stages.cli import cli
+from stages.extract import TIMESTEP_POOL, extract
 
 HEADS = 8
 # tiny-sd on a 64 x 96 image: latent 8 x 12; self-attention in run order (down, mid, up)
@@ -113,7 +115,7 @@ def test_unet_sees_the_noised_scaled_latent_and_the_empty_prompt(spec, image):
     handle = sd.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     try:
         generator = item_generator(0, "img")
-        steps = sample_timesteps(2, 250, generator)
+        steps = sample_timesteps(3, 250, generator)
         extract_attention_sd(sd, image, steps, generator)
     finally:
         handle.remove()
@@ -121,14 +123,17 @@ def test_unet_sees_the_noised_scaled_latent_and_the_empty_prompt(spec, image):
         latent = sd.vae.encode(image).latent_dist.mean * 0.18215
     torch.testing.assert_close(encode(sd.vae, image), latent)
     replay = item_generator(0, "img")
-    assert sample_timesteps(2, 250, replay) == steps
+    assert sample_timesteps(3, 250, replay) == steps
     alphas = sd.scheduler.alphas_cumprod
-    for (args, kwargs), t in zip(seen, steps):
-        noise = torch.randn(latent.shape, generator=replay)
-        expected = alphas[t].sqrt() * latent + (1 - alphas[t]).sqrt() * noise
+    noises = []
+    for (args, kwargs), t in zip(seen, steps, strict=True):
+        noises.append(torch.randn(latent.shape, generator=replay))
+        expected = alphas[t].sqrt() * latent + (1 - alphas[t]).sqrt() * noises[-1]
         torch.testing.assert_close(args[0], expected)
         assert args[1].tolist() == [t]
         torch.testing.assert_close(kwargs["encoder_hidden_states"], sd.prompt_embedding)
+    correlation = torch.corrcoef(torch.stack(noises).flatten(1))
+    assert (correlation - torch.eye(3)).abs().max() < 0.5  # each timestep its own noise
     assert sd.prompt_embedding.shape == (1, 77, 32)
 
 
@@ -139,11 +144,15 @@ def test_empty_prompt_without_a_tokenizer_is_bos_eos_then_padding(spec):
     assert ids.tolist() == [[0, 2] + [1] * 75]
 
 
-def test_timesteps_are_distinct_in_range_and_reproducible_per_image():
-    a = sample_timesteps(5, 250, item_generator(0, "a"))
-    assert a == sorted(set(a)) and len(a) == 5 and 0 <= a[0] and a[-1] <= 250
-    assert a == sample_timesteps(5, 250, item_generator(0, "a"))
-    assert a != sample_timesteps(5, 250, item_generator(0, "b"))
+def test_timesteps_are_a_pool_of_20_distinct_in_range_and_reproducible_per_image():
+    """METHOD.md section 3: a timestep per forward pass; the stored pool of 20 stands in, larger than the buffer."""
+    assert extract.params[[p.name for p in extract.params].index("timesteps")].default == TIMESTEP_POOL == 20
+    assert TIMESTEP_POOL > SolverParams().buffer
+    a = sample_timesteps(TIMESTEP_POOL, 250, item_generator(0, "a"))
+    assert a == sorted(set(a)) and len(a) == 20 and 0 <= a[0] and a[-1] <= 250
+    assert a == sample_timesteps(TIMESTEP_POOL, 250, item_generator(0, "a"))
+    assert a != sample_timesteps(TIMESTEP_POOL, 250, item_generator(0, "b"))
+    assert sample_timesteps(251, 250, item_generator(0, "a")) == list(range(251))
     assert sample_timesteps(4, 3, item_generator(0, "a")) == [0, 1, 2, 3]
     with pytest.raises(LdsError, match="--timesteps 5 must be between 1 and --max-timestep"):
         sample_timesteps(5, 3, item_generator(0, "a"))
@@ -210,3 +219,14 @@ def test_cli_stores_timesteps_and_dataset_mode_keeps_coarse_layers_with_heads_jo
     assert "resolution=8x8 heads=8 head_dim=4" in shown and "dims=(timestep,head,y,x,dim)" in shown
     refused = lds("extract", *common, "--max-resolution", 1, expect_ok=False)
     assert refused.exit_code != 0 and "no attention layer of model tiny-sd" in refused.output
+    # lds solve on the timestep pool: accumulate auto resolves to 20 passes per step and is recorded as such
+    solve = ["solve", "--input", tmp_path / "all.json", "--steps", 2, "--channels", 4, "--store", store]
+    solved = lds(*solve, "--manifest", tmp_path / "s.json")
+    assert "holds 2 attention sets (timesteps), not more than --buffer 5" in solved.output
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["params"]["accumulate"] == 20 and record["params"]["buffer"] == 5
+    assert Store(store).open(ArtifactRef("solve", record["key"])).attrs["params"]["accumulate"] == 20
+    assert "solve: cached" in lds(*solve, "--accumulate", 20).output  # auto and its value: one artifact
+    three = lds(*solve, "--accumulate", 3, "--manifest", tmp_path / "s3.json")
+    assert "solve: made" in three.output and json.loads((tmp_path / "s3.json").read_text())["params"]["accumulate"] == 3
+    assert "expected auto or an integer >= 1" in lds(*solve, "--accumulate", "0", expect_ok=False).output

@@ -13,7 +13,7 @@ from pipeline.extract import LayerAttention
 from pipeline.metrics import confusion_matrix, matched_scores
 from pipeline.graphs import GraphSet, graph_sets
 from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, finest_grid, objective, orthogonalise, solve_adam, solve_exact
-from pipeline.solver_params import GraphOptions, SolverParams
+from pipeline.solver_params import GraphOptions, SolverParams, resolve_accumulate
 
 
 def key_query_graphs(layers: list[LayerAttention]) -> list[GraphSet]:
@@ -290,24 +290,99 @@ def test_warm_start_from_the_exact_solver_begins_near_the_solution(planted_graph
     assert matched_miou(kmeans_labels(warm.x_ortho, 3), REGIONS) > 0.9
 
 
-def test_attention_buffer_keeps_at_most_its_size_and_reuses_sets():
-    built = []
+class RecordingPool:
+    """A pool of ``size`` attention sets whose builders record, at each build, whether the set was buffered."""
 
-    def builder(index):
-        def build():
-            built.append(index)
+    def __init__(self, size: int):
+        self.built: list[int] = []
+        self.rebuilt_while_buffered: list[int] = []
+        self.buffer: AttentionBuffer | None = None
+        self.builders = [self.builder(index) for index in range(size)]
+
+    def builder(self, index: int):
+        def build() -> list[GraphSet]:
+            if index in self.buffer.sets:
+                self.rebuilt_while_buffered.append(index)
+            self.built.append(index)
             return [GraphSet((1, 1), torch.ones(1, 1, 1), [f"t{index}"])]
         return build
 
-    buffer = AttentionBuffer([builder(i) for i in range(10)], size=3, refresh=0.25, seed=0)
-    drawn = [buffer.draw()[0].names[0] for _ in range(400)]
-    assert len(buffer.sets) <= 3
-    assert 0.15 < len(built) / 400 < 0.35  # new sets about a quarter of the time (a set already held is reused)
-    assert len(set(drawn)) > 3
-    again = AttentionBuffer([builder(i) for i in range(10)], size=3, refresh=0.25, seed=0)
-    assert [again.draw()[0].names[0] for _ in range(400)] == drawn  # deterministic for a seed
-    single = AttentionBuffer([builder(0)], refresh=1.0)
+    def attach(self, size: int, refresh: float, seed: int) -> AttentionBuffer:
+        self.buffer = AttentionBuffer(self.builders, size=size, refresh=refresh, seed=seed)
+        return self.buffer
+
+
+def drawn_index(sets: list[GraphSet]) -> int:
+    return int(sets[0].names[0][1:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attention_buffer_refreshes_with_unbuffered_sets_evicts_the_oldest_and_uses_the_whole_pool(seed):
+    pool = RecordingPool(12)
+    buffer = pool.attach(size=5, refresh=0.25, seed=seed)
+    expected: list[int] = []  # the buffer's contents, oldest first, kept by hand
+    drawn: list[int] = []
+    draws = 4000
+    for _ in range(draws):
+        before = len(pool.built)
+        index = drawn_index(buffer.draw())
+        drawn.append(index)
+        if len(pool.built) > before:  # a refresh: the new set enters, the oldest leaves a full buffer
+            assert pool.built[-1] == index
+            expected.append(index)
+            expected = expected[-5:]
+        else:  # a reuse: a set already buffered
+            assert index in expected
+        assert list(buffer.sets) == expected and len(buffer.sets) <= 5
+    assert pool.rebuilt_while_buffered == []  # (a) a refresh never re-draws a buffered set
+    assert len(buffer.sets) == 5  # (b) filled, never beyond
+    refreshes = len(pool.built) - 1  # the first draw fills the empty buffer without a coin
+    assert abs(refreshes / (draws - 1) - 0.25) < 0.03  # (c) ~1/4 (4 standard deviations: 0.027)
+    assert set(pool.built) == set(range(12))  # (d) every pool member used
+    replay = RecordingPool(12).attach(size=5, refresh=0.25, seed=seed)
+    assert [drawn_index(replay.draw()) for _ in range(draws)] == drawn  # deterministic for a seed
+
+
+def test_attention_buffer_with_refresh_1_brings_a_new_set_every_pass():
+    pool = RecordingPool(8)
+    buffer = pool.attach(size=3, refresh=1.0, seed=0)
+    drawn = [drawn_index(buffer.draw()) for _ in range(300)]
+    assert len(pool.built) == 300 and pool.rebuilt_while_buffered == []
+    assert all(len(set(drawn[i:i + 4])) == 4 for i in range(len(drawn) - 3))  # never one of the 3 buffered
+
+
+def test_attention_buffer_with_refresh_0_keeps_the_first_set():
+    pool = RecordingPool(8)
+    buffer = pool.attach(size=5, refresh=0.0, seed=0)
+    assert len({drawn_index(buffer.draw()) for _ in range(100)}) == 1 and len(pool.built) == 1
+
+
+def test_attention_buffer_over_a_pool_no_larger_than_itself_builds_each_set_once():
+    pool = RecordingPool(3)
+    buffer = pool.attach(size=5, refresh=0.25, seed=0)
+    drawn = [drawn_index(buffer.draw()) for _ in range(400)]
+    assert sorted(pool.built) == [0, 1, 2] and set(drawn) == {0, 1, 2}  # once all are buffered, only reuse
+    single = AttentionBuffer([pool.builders[0]], refresh=1.0)
+    pool.buffer = single
     assert all(single.draw() is single.draw() for _ in range(5))
+    with pytest.raises(ValueError, match="size 0 must be >= 1"):
+        AttentionBuffer(pool.builders, size=0)
+
+
+def test_accumulate_auto_is_20_passes_for_several_attention_sets_and_1_for_one(planted_graphs):
+    assert resolve_accumulate("auto", 20) == resolve_accumulate("auto", 2) == 20
+    assert resolve_accumulate("auto", 1) == 1 and resolve_accumulate(3, 20) == 3
+    with pytest.raises(ValueError, match="expected auto or an integer"):
+        resolve_accumulate(0, 1)
+    params = SolverParams(channels=3, steps=2, seed=0)
+    assert params.accumulate == "auto"
+    for sets, passes in ((1, 1), (6, 20)):
+        buffer = AttentionBuffer([lambda: planted_graphs] * sets, params.buffer, params.refresh)
+        draws = []
+        original = buffer.draw
+        buffer.draw = lambda: draws.append(1) or original()
+        solve_adam(buffer, params)
+        assert len(draws) == 1 + params.steps * passes  # one draw sets up X, then `passes` per step
 
 
 def test_read_layer_sets_splits_timesteps_into_attention_sets(tmp_path):
