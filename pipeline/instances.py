@@ -6,6 +6,12 @@ proposal (connected by construction, since only adjacent segments merge). Propos
 of the image are kept; those touching >= 2 image borders are dropped (>= 3 when none would be left,
 none when still none would be left). Each is scored by a balanced binary silhouette, sorted, and
 suppressed at mask IoU 0.7 (at most 100); proposals scoring below 0 are dropped.
+
+Beyond the paper (``extended``, on by default): the proposals the border rule drops and those of
+K = 11..15 are ranked after every proposal of the paper's rule (their score is the silhouette minus
+``EXTENDED_OFFSET``), so they add recall without reordering the paper's proposals; on real COCO
+photographs they raise AR100 by about 4 points (README: Quality on real images).
+Token masks become pixel masks by bilinear upsampling thresholded at one half (smoother than nearest).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pipeline.decode import one_thread, token_features
 @dataclass(frozen=True)
 class ProposalParams:
     ks: tuple[int, ...] = tuple(range(2, 11))
+    extended: bool = True  # also rank, after the paper's proposals, those the border rule drops and those of extra_ks
+    extra_ks: tuple[int, ...] = tuple(range(11, 16))
     min_area: float = 0.01  # fraction of the image
     max_area: float = 0.9
     nms_iou: float = 0.7
@@ -108,16 +116,28 @@ def borders_touched(mask: np.ndarray) -> int:
     return int(mask[0].any()) + int(mask[-1].any()) + int(mask[:, 0].any()) + int(mask[:, -1].any())
 
 
-def filter_proposals(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
-    """Masks (n, y, x) covering min_area..max_area of the image and touching < 2 borders (< 3 when
-    none touch < 2, any number when none touch < 3)."""
+EXTENDED_OFFSET = 2.0  # subtracted from an extended proposal's silhouette (at most 1): ranked after all others
+
+
+def area_within(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
+    """Which masks (n, y, x) cover min_area..max_area of the image."""
     area = masks.reshape(len(masks), -1).mean(1)
-    sized = masks[(area >= min_area) & (area <= max_area)]
-    borders = np.array([borders_touched(m) for m in sized], dtype=int)
+    return (area >= min_area) & (area <= max_area)
+
+
+def border_rule(masks: np.ndarray) -> np.ndarray:
+    """Which masks (n, y, x) touch < 2 image borders (< 3 when none touch < 2, any number when none touch < 3)."""
+    borders = np.array([borders_touched(m) for m in masks], dtype=int)
     for limit in (2, 3):
         if np.any(borders < limit):
-            return sized[borders < limit]
-    return sized
+            return borders < limit
+    return np.ones(len(masks), dtype=bool)
+
+
+def filter_proposals(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
+    """Masks (n, y, x) covering min_area..max_area of the image that pass the border rule."""
+    sized = masks[area_within(masks, min_area, max_area)]
+    return sized[border_rule(sized)]
 
 
 def balanced_silhouette(masks: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -164,29 +184,62 @@ def nms(masks: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> 
     return order[kept]
 
 
-def propose(x: np.ndarray, params: ProposalParams = ProposalParams()) -> tuple[np.ndarray, np.ndarray]:
-    """Object proposals from features (component, y, x): token masks (n, y, x) bool and their scores,
-    best first."""
+def candidate_masks(features: np.ndarray, shape: tuple[int, int], ks: tuple[int, ...], seed: int) -> dict[bytes, np.ndarray]:
+    """Every distinct Ward proposal (y, x) of K-Means with each K of ``ks`` on ``features`` (tokens, dims),
+    in the order found, keyed by its packed bits."""
     from sklearn.cluster import KMeans
 
-    features = token_features(normalise_features(x))
-    shape = x.shape[1:]
     found: dict[bytes, np.ndarray] = {}
     distinct = len(np.unique(features, axis=0))
+    for k in ks:
+        if k > distinct:
+            break
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features).reshape(shape)
+        for mask in ward_proposals(connected_segments(labels), features):
+            found.setdefault(np.packbits(mask).tobytes(), mask)
+    return found
+
+
+def propose(x: np.ndarray, params: ProposalParams = ProposalParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Object proposals from features (component, y, x): token masks (n, y, x) bool and their scores,
+    best first (``params.extended``: the extended proposals last, scored below every other)."""
+    features = token_features(normalise_features(x))
+    shape = x.shape[1:]
     with one_thread():
-        for k in params.ks:
-            if k > distinct:
-                break
-            labels = KMeans(n_clusters=k, n_init=10, random_state=params.seed).fit_predict(features).reshape(shape)
-            for mask in ward_proposals(connected_segments(labels), features):
-                found.setdefault(np.packbits(mask).tobytes(), mask)
-        masks = filter_proposals(np.stack(list(found.values())), params.min_area, params.max_area)
+        paper = candidate_masks(features, shape, params.ks, params.seed)
+        extra = candidate_masks(features, shape, params.extra_ks, params.seed) if params.extended else {}
+        extra = {key: mask for key, mask in extra.items() if key not in paper}
+        masks = np.stack(list(paper.values()) + list(extra.values()))
+        from_paper = np.arange(len(masks)) < len(paper)
+        sized = area_within(masks, params.min_area, params.max_area)
+        masks, from_paper = masks[sized], from_paper[sized]
+        primary = np.zeros(len(masks), dtype=bool)
+        primary[from_paper] = border_rule(masks[from_paper])
+        if not params.extended:
+            masks, primary = masks[primary], primary[primary]
         if not len(masks):
             return masks, np.zeros(0)
-        scores = balanced_silhouette(masks.reshape(len(masks), -1), features)
+        silhouettes = balanced_silhouette(masks.reshape(len(masks), -1), features)
+        scores = silhouettes - EXTENDED_OFFSET * ~primary
         kept = nms(masks, scores, params.nms_iou, params.max_proposals)
-    kept = kept[scores[kept] >= params.min_score]
+    kept = kept[silhouettes[kept] >= params.min_score]
     return masks[kept], scores[kept]
+
+
+def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Token masks (n, y, x) -> pixel masks (n, height, width): bilinear upsampling thresholded at one
+    half, nearest neighbour for a mask that would vanish so."""
+    from PIL import Image
+
+    from pipeline.decode import upsample_labels
+
+    masks = np.zeros((len(token_masks), *size), dtype=bool)
+    for i, mask in enumerate(token_masks):
+        soft = Image.fromarray(mask.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        masks[i] = np.asarray(soft) > 0.5
+        if not masks[i].any():
+            masks[i] = upsample_labels(mask, size).astype(bool)
+    return masks
 
 
 def coco_results(masks: np.ndarray, scores: np.ndarray, image_id: int) -> list[dict]:

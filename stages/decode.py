@@ -32,26 +32,20 @@ class ClustersType(click.ParamType):
         self.fail(f"{value!r} is neither an integer >= 2 nor 'auto'", param, ctx)
 
 
-def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Token masks (n, y, x) -> masks (n, height, width) at the preprocessed image size (nearest)."""
-    from pipeline.decode import upsample_labels
-
-    return np.stack([upsample_labels(m, size).astype(bool) for m in token_masks]) if len(token_masks) else np.zeros((0, *size), bool)
-
-
 @click.command()
 @input_option
 @click.option("--clusters", type=ClustersType(), default=6, show_default=True, help="K of K-Means per image, or 'auto' (2..10 by silhouette).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--instances/--no-instances", default=False, show_default=True, help="Also compute object proposals (METHOD.md section 5); from `lds baseline`, its TokenCut / MaskCut masks.")
+@click.option("--extended/--paper-only", default=True, show_default=True, help="With --instances: after the paper's proposals, also rank those its border rule drops and those of K = 11..15 (scored below every other; more recall, same ranking on top).")
 @click.option("--coco-results", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the proposals as a COCO results json (original image coordinates, COCO image ids) here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one PNG per image here.")
 @store_option
 @manifest_option
-def decode(input_manifest, clusters, seed, instances, coco_results, figures, store_root, manifest):
+def decode(input_manifest, clusters, seed, instances, extended, coco_results, figures, store_root, manifest):
     """Cluster each image's tokens into regions (and propose objects); store token and pixel maps."""
     from pipeline.decode import kmeans_auto, kmeans_labels, upsample_labels
-    from pipeline.instances import ProposalParams, propose
+    from pipeline.instances import ProposalParams, pixel_masks, propose
 
     if coco_results is not None and not instances:
         raise click.UsageError("--coco-results needs --instances")
@@ -59,7 +53,7 @@ def decode(input_manifest, clusters, seed, instances, coco_results, figures, sto
     source = read_manifest(input_manifest)
     solved = store.open(source)["items"]
     images = store.open(upstream(store, source, "preprocess"))["items"]
-    proposal_params = ProposalParams(seed=seed)
+    proposal_params = ProposalParams(seed=seed, extended=extended)
     given = store.attrs(source).get("proposals_from")  # the input made its own proposals (lds baseline)
     proposal_settings = {"from_input": given} if given else asdict(proposal_params)
     params = {"method": "kmeans", "clusters": clusters, "seed": seed, "instances": proposal_settings if instances else None}
@@ -110,15 +104,13 @@ def decode(input_manifest, clusters, seed, instances, coco_results, figures, sto
 
 
 def original_coco_results(decoded, images, items: list[str]) -> list[dict]:
-    """The stored proposals of ``items`` as COCO results on the original images (COCO image ids)."""
-    from pipeline.instances import coco_results
-    from pipeline.preprocess import Geometry, to_original
+    """The stored proposals of ``items`` as COCO results on the original images (COCO image ids), as
+    `lds evaluate` scores them."""
+    from pipeline.evaluation import original_detections
+    from pipeline.preprocess import Geometry
 
     results = []
     for item in items:
         attrs = images[item].attrs
-        geometry = Geometry.from_dict(attrs)
-        masks = pixel_masks(decoded[item]["proposals"][...], geometry.size)
-        original = np.stack([to_original(m, geometry) for m in masks]) if len(masks) else np.zeros((0, *geometry.original), bool)
-        results += coco_results(original, decoded[item]["proposal_scores"][...], attrs["image_id"])
+        results += original_detections(decoded[item]["proposals"][...], decoded[item]["proposal_scores"][...], Geometry.from_dict(attrs), attrs["image_id"])
     return results

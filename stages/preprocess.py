@@ -17,16 +17,17 @@ from stages.common import manifest_option, run_stage, store_option
 @click.option("--dataset", required=True, help="skimage-samples, folder:PATH, glob:PATTERN, synthetic-shapes:N, coco:ROOT, coco-stuff27:ROOT, cityscapes27:ROOT or voc2012:ROOT (README: Datasets).")
 @click.option("--shard", "shard_index", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True, help="Images per shard.")
+@click.option("--max-images", type=click.IntRange(1), default=None, help="Only the first N images of the dataset's listing (a fixed subset).")
 @click.option("--size", type=click.IntRange(16), default=224, show_default=True, help="Short side in pixels.")
 @click.option("--mode", type=click.Choice(MODES), default="short-side", show_default=True)
 @click.option("--multiple", type=click.IntRange(1), default=16, show_default=True, help="Crop sides to a multiple (patch size).")
 @store_option
 @manifest_option
-def preprocess(dataset, shard_index, shard_size, size, mode, multiple, store_root, manifest: Path | None):
+def preprocess(dataset, shard_index, shard_size, max_images, size, mode, multiple, store_root, manifest: Path | None):
     """Resize one shard of a dataset's images (and label maps and object masks) into the store."""
     store = Store(store_root)
     data = open_dataset(dataset)
-    records = {r.id: r for r in shard(data.records, shard_index, shard_size)}
+    records = {r.id: r for r in shard(data.records[:max_images], shard_index, shard_size)}
     params = {"size": size, "mode": mode, "multiple": multiple}
 
     def compute(item: str):

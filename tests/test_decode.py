@@ -12,7 +12,7 @@ from pipeline.dataset_kmeans import dataset_projection, fit_dataset_kmeans, pred
 from pipeline.decode import best_k, kmeans_auto, kmeans_labels, token_features
 from pipeline.instances import (
     ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
-    filter_proposals, nms, propose, ward_proposals,
+    filter_proposals, nms, pixel_masks, propose, ward_proposals,
 )
 from pipeline.metrics import confusion_matrix, matched_scores
 from pipeline.preprocess import plan, resize_nearest, to_original
@@ -227,3 +227,45 @@ def test_eigenvector_panels_skip_the_solvers_constant_component_only():
     baseline = eigenvector_panels(8, first=0)  # a baseline stores nontrivial eigenvectors only
     assert baseline == [("eigenvectors 1-3 as RGB", 0), ("eigenvectors 4-6 as RGB", 3), ("eigenvectors 7-8 as RGB", 6)]
     assert eigenvector_panels(6, first=1)[-1] == ("eigenvectors 4-5 as RGB", 4)
+
+
+def corner_planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The planted features with a fourth object in the top-left corner (it touches 2 image borders)."""
+    features, truth = planted(seed, noise=0.2)
+    truth[:6, :7] = 4
+    rng = np.random.default_rng(seed + 100)
+    features[:, :6, :7] = rng.normal(size=(features.shape[0], 1, 1)) * 3 + rng.normal(size=(features.shape[0], 6, 7)) * 0.2
+    return features, truth
+
+
+def test_extended_proposals_follow_the_papers_unchanged_and_add_the_corner_object():
+    features, truth = corner_planted()
+    corner = truth == 4
+    params = ProposalParams(ks=(2, 3, 4, 5), extra_ks=(6, 7))
+    paper_masks, paper_scores = propose(features, ProposalParams(ks=params.ks, extended=False))
+    masks, scores = propose(features, params)
+    # the paper's proposals come first, identical, and every extended one is scored below all of them
+    assert len(masks) > len(paper_masks) > 0
+    np.testing.assert_array_equal(masks[: len(paper_masks)], paper_masks)
+    np.testing.assert_array_equal(scores[: len(paper_masks)], paper_scores)
+    assert scores[len(paper_masks):].max() < paper_scores.min()
+    # the corner object touches 2 borders: only the extended proposals hold it
+    def best_iou(candidates):
+        return max((m & corner).sum() / (m | corner).sum() for m in candidates)
+    assert best_iou(paper_masks) < 0.5 and best_iou(masks) > 0.9
+
+
+def test_pixel_masks_upsample_smoothly_and_keep_single_tokens():
+    tokens = np.zeros((2, 4, 4), dtype=bool)
+    tokens[0, :, :2] = True  # the left half
+    tokens[1, 3, 3] = True  # one corner token
+    masks = pixel_masks(tokens, (40, 40))
+    assert masks.shape == (2, 40, 40)
+    np.testing.assert_array_equal(masks[0], np.arange(40)[None, :].repeat(40, 0) < 20)
+    # a single token still gives a mask, inside its own cell
+    assert masks[1].any() and not masks[1][:30].any() and not masks[1][:, :30].any()
+    # a staircase of tokens loses its outer corners and fills its inner ones (nearest keeps the stairs)
+    stairs = np.tril(np.ones((4, 4), dtype=bool))
+    smooth = pixel_masks(stairs[None], (40, 40))[0]
+    assert not smooth[10, 19] and smooth[9, 10]
+    assert abs(int(smooth.sum()) - 10 * 10 * int(stairs.sum())) < 40
