@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -15,6 +16,8 @@ from pipeline.models import default_clip_repo, get_spec
 
 configfile: "config/config.yaml"
 validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+with open(os.path.join(workflow.basedir, "config", "schema.yaml")) as schema_file:
+    SCHEMA = yaml.safe_load(schema_file)
 
 STORE = os.environ.get("LDS_CACHE", config["store"])
 # Every stage this workflow run starts files its journal records (computed, reused, failed) under one
@@ -56,7 +59,8 @@ def model_spec(wildcards):
 
 
 DATASETS = {name: open_dataset(d["spec"]) for name, d in config["datasets"].items()}
-IMAGES = {name: len(dataset.records) for name, dataset in DATASETS.items()}
+# `max_images: N` keeps the first N images of a dataset's listing (a fixed subset)
+IMAGES = {name: min(len(dataset.records), config["datasets"][name].get("max_images") or len(dataset.records)) for name, dataset in DATASETS.items()}
 SHARDS = {name: num_shards(IMAGES[name], d["images_per_shard"]) for name, d in config["datasets"].items()}
 
 
@@ -70,19 +74,42 @@ def mem_mb(vit: int, diffusion: int | None = None):
     return resource
 
 
-def extract_options() -> str:
-    """`lds extract` options from the config's `extract` section."""
-    options = config["extract"]
-    line = f"--seed {options['seed']} --dtype {options['dtype']} --timesteps {options['timesteps']} --max-timestep {options['max_timestep']}"
-    if options["max_resolution"]:
-        line += f" --max-resolution {options['max_resolution']}"
-    return line + (" --concat-heads" if options["concat_heads"] else "") + f" --device {options['device']}"
+# Config keys that are not options of the section's `lds` command (the workflow reads them itself).
+WORKFLOW_KEYS = {"extract": ("weights",), "solve": ("level",)}
+
+
+def command_options(section: str) -> str:
+    """The `lds` options of a config section, in the schema's order: key `max_timestep` as `--max-timestep
+    VALUE`, a list comma-joined, true as a bare flag; null, false and empty lists left out (the default)."""
+    parts = []
+    for key in SCHEMA["properties"][section]["properties"]:
+        value = config[section].get(key)
+        if key in WORKFLOW_KEYS.get(section, ()) or value is None or value is False or value == []:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {shlex.quote(','.join(map(str, value)) if isinstance(value, list) else str(value))}")
+    return " ".join(parts)
+
+
+if set(config["extract"]["weights"]) - set(config["models"]):
+    raise WorkflowError(f"config extract.weights names {', '.join(sorted(set(config['extract']['weights']) - set(config['models'])))}, not among `models`")
+
+
+def extract_weights(wildcards) -> str:
+    """`lds extract --weights` for a model named under extract.weights ('' for the others)."""
+    path = config["extract"]["weights"].get(MODELS[wildcards.model])
+    return f"--weights {shlex.quote(path)}" if path else ""
 
 
 def baseline_options(method: str) -> str:
     """`lds baseline` options from the config's `baseline_options` (MaskCut's N only for maskcut)."""
     options = config["baseline_options"]
-    line = f"--method {method} --affinity {options['affinity']} --layer={shlex.quote(str(options['layer']))} --tau {options['tau']}"
+    line = f"--method {method} --affinity {options['affinity']} --layer={shlex.quote(str(options['layer']))}"
+    if options["tau"] is not None:
+        line += f" --tau {options['tau']}"
     if options["eigenvectors"]:
         line += f" --eigenvectors {options['eigenvectors']}"
     return line + (f" --masks {options['masks']}" if method == "maskcut" else "")
@@ -186,6 +213,7 @@ rule preprocess:
     params:
         spec=lambda w: config["datasets"][w.dataset]["spec"],
         per=lambda w: config["datasets"][w.dataset]["images_per_shard"],
+        limit=lambda w: f"--max-images {IMAGES[w.dataset]}",
         size=lambda w: config["preprocess"]["size"] or model_spec(w).image_size,
         mode=lambda w: model_spec(w).preprocess_mode or config["preprocess"]["mode"],
         multiple=lambda w: model_spec(w).patch_size,
@@ -207,7 +235,7 @@ rule extract:
         SHARD + "/extract.json",
     params:
         model=lambda w: MODELS[w.model],
-        options=extract_options(),
+        options=lambda w: " ".join(filter(None, (extract_weights(w), command_options("extract")))),
     threads: THREADS["shard"]
     resources:
         mem_mb=mem_mb(4000, 16000),
@@ -227,7 +255,7 @@ if SOLVE["level"] == "image":
         output:
             SHARD + "/solve.json",
         params:
-            **SOLVE,
+            options=command_options("solve"),
         threads: THREADS["shard"]
         resources:
             mem_mb=mem_mb(3000, 12000),
@@ -235,10 +263,7 @@ if SOLVE["level"] == "image":
         benchmark:
             BENCH + "/shard-{shard}/solve.tsv"
         shell:
-            "{LDS} solve --input {input:q} --solver {params.solver} --channels {params.channels}"
-            " --graph {params.graph} --variant {params.variant} --parameterisation {params.parameterisation}"
-            " --steps {params.steps} --lr {params.lr} --seed {params.seed} --device {params.device}"
-            " --store {STORE:q} --manifest {output:q}"
+            "{LDS} solve --input {input:q} {params.options} --store {STORE:q} --manifest {output:q}"
 
 else:
     # One `lds solve-dataset` job per dataset x model over every shard; it writes each shard's solve.json
@@ -256,19 +281,17 @@ else:
                 inputs=lambda w, input: " ".join(f"--input '{path}'" for path in input),
                 manifests=lambda w, output: " ".join(f"--manifest '{path}'" for path in output),
                 device=SOLVE["device"],
-                **config["solve_dataset"],
+                options=command_options("solve_dataset"),
             threads: THREADS["dataset"]
             resources:
-                # the solver's table, AdamW state and EMA: about 2 MB per image at 100 x 32 x 32
-                mem_mb=mem_mb(4000 + 2 * IMAGES[name]),
+                # the solver's table, AdamW state and EMA: about 2 MB per image at 100 x 32 x 32; the graph
+                # cache: about 0.6 MB per image, layer and partition at 22 x 22 tokens (12 layers, 2 partitions)
+                mem_mb=mem_mb(4000 + 16 * IMAGES[name]),
                 **GPU,
             benchmark:
                 RESULTS + f"/benchmarks/{name}/{{model}}/solve-dataset.tsv"
             shell:
-                "{LDS} solve-dataset {params.inputs} --graph {params.graph} --channels {params.channels}"
-                " --resolution {params.resolution} --batch-size {params.batch_size} --iterations {params.iterations}"
-                " --epochs {params.epochs} --lr {params.lr} --intra {params.intra} --inter {params.inter}"
-                " --threshold {params.threshold} --seed {params.seed} --device {params.device}"
+                "{LDS} solve-dataset {params.inputs} {params.options} --device {params.device}"
                 " --store {STORE:q} {params.manifests}"
 
 
@@ -281,6 +304,7 @@ rule decode:
         clusters=DECODE["clusters"],
         seed=DECODE["seed"],
         instances=lambda w, output: f"--instances --coco-results '{output.proposals}'" if DECODE.get("instances") else "--no-instances",
+        extended="--extended" if DECODE.get("extended_proposals", True) else "--paper-only",
         figures=RUN + "/figures",
     threads: THREADS["shard"]
     resources:
@@ -288,7 +312,7 @@ rule decode:
     benchmark:
         BENCH + "/shard-{shard}/decode.tsv"
     shell:
-        "{LDS} decode --input {input:q} --clusters {params.clusters} --seed {params.seed} {params.instances}"
+        "{LDS} decode --input {input:q} --clusters {params.clusters} --seed {params.seed} {params.instances} {params.extended}"
         " --figures {params.figures:q} --store {STORE:q} --manifest {output.manifest:q}"
 
 

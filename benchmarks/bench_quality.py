@@ -17,7 +17,7 @@ Seconds per image are those the stages logged when they made their artifacts (th
 run), summed over the run's preprocess, extract, solve (or baseline / solve-dataset, cluster), decode
 and evaluate, over its images: a cached artifact keeps the seconds it took when it was made.
 
-    lds bench quality                                   # ../shared/data; about 30 minutes on 2 cores the first time
+    lds bench quality                                   # ../shared/data; over an hour on 2 cores the first time (README)
     lds bench quality -- --runs coco,solvers-exact,solvers-adam --adam-images 24
 """
 

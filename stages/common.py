@@ -18,7 +18,7 @@ from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 
 # Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 2, "extract": 1, "solve": 3, "solve-dataset": 1, "decode": 2, "cluster": 2, "evaluate": 2, "baseline": 2, "zeroshot": 1}
+STAGE_VERSIONS = {"preprocess": 2, "extract": 2, "solve": 4, "solve-dataset": 2, "decode": 3, "cluster": 3, "evaluate": 3, "baseline": 3, "zeroshot": 1}
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 

@@ -266,3 +266,11 @@ def test_the_chain_runs_on_an_fsspec_memory_store_and_matches_a_local_one(chain,
     assert [{k: v for k, v in m.items() if k != "artifact"} for m in metrics] == [{k: v for k, v in metrics[1].items() if k != "artifact"}] * 2
     assert {r["event"] for r in store.records()} >= {"computed", "published"}
     assert not any(r["event"] == "failed" for r in store.records())
+
+
+def test_preprocess_max_images_keeps_the_first_images_of_the_listing(tmp_path):
+    common = ["--dataset", "synthetic-shapes:10", "--size", 32, "--shard-size", 3, "--max-images", 4, "--store", tmp_path / "store"]
+    lds("preprocess", *common, "--shard", 1, "--manifest", tmp_path / "last.json")
+    assert json.loads((tmp_path / "last.json").read_text())["items"] == ["shapes-0003"]  # shard 1 of the first 4: only the 4th
+    result = lds("preprocess", *common, "--shard", 2, expect_ok=False)
+    assert result.exit_code != 0 and "shard 2 is empty: the dataset has 4 images" in result.output

@@ -164,7 +164,8 @@ def test_baselines_get_their_own_runs_with_the_configured_options(tmp_path):
     }
     maskcut = next(job for job in jobs["baseline"] if "tiny-vit+maskcut/shard-1" in job)
     assert field(maskcut, "input") == "results/shapes/tiny-vit/shard-1/extract.json"  # the method's extract, shared
-    assert "--method maskcut --affinity attention --layer=block02 --tau 0.2 --masks 2" in maskcut
+    assert "--method maskcut --affinity attention --layer=block02 --masks 2" in maskcut
+    assert "--tau" not in maskcut  # tau null: each method's own (TokenCut 0.2, MaskCut 0.15)
     tokencut = next(job for job in jobs["baseline"] if "tiny-vit+tokencut/shard-0" in job)
     assert "--method tokencut" in tokencut and "--masks" not in tokencut
     decode = next(job for job in jobs["decode_baseline"] if "tiny-vit+tokencut/shard-0" in job)
