@@ -134,12 +134,6 @@ def border_rule(masks: np.ndarray) -> np.ndarray:
     return np.ones(len(masks), dtype=bool)
 
 
-def filter_proposals(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
-    """Masks (n, y, x) covering min_area..max_area of the image that pass the border rule."""
-    sized = masks[area_within(masks, min_area, max_area)]
-    return sized[border_rule(sized)]
-
-
 def balanced_silhouette(masks: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Silhouette score of each proposal (n, tokens) against a background of the same size: the
     non-proposal tokens nearest to the proposal in feature space (fewer when fewer are left). The score

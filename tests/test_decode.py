@@ -12,7 +12,7 @@ from pipeline.dataset_kmeans import dataset_projection, fit_dataset_kmeans, pred
 from pipeline.decode import best_k, kmeans_auto, kmeans_labels, token_features
 from pipeline.instances import (
     ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
-    filter_proposals, nms, pixel_masks, propose, ward_proposals,
+    area_within, border_rule, nms, pixel_masks, propose, ward_proposals,
 )
 from pipeline.metrics import confusion_matrix, matched_scores
 from pipeline.preprocess import plan, resize_nearest, to_original
@@ -145,13 +145,14 @@ def test_filters_drop_small_huge_and_background_proposals():
     masks[2, :, :] = True  # 100%: too large
     masks[3, 0:3, 3:7] = True  # 12%, touches one border: kept
     assert [borders_touched(m) for m in masks] == [0, 2, 4, 1]
-    kept = filter_proposals(masks, 0.01, 0.9)
+    sized = masks[area_within(masks, 0.01, 0.9)]
+    kept = sized[border_rule(sized)]
     assert len(kept) == 2 and kept[0].sum() == 4 and kept[1].sum() == 12
     corners = np.zeros((2, 10, 10), dtype=bool)
     corners[0, :2, :2] = corners[1, :, :2] = True  # 2 and 3 borders: the fallback keeps the first
-    assert len(filter_proposals(corners, 0.01, 0.9)) == 1
+    assert border_rule(corners).tolist() == [True, False]
     corners[0, :, :3] = True  # both touch 3 borders: all are kept
-    assert len(filter_proposals(corners, 0.01, 0.9)) == 2
+    assert border_rule(corners).tolist() == [True, True]
 
 
 def test_balanced_silhouette_prefers_a_true_object_to_half_of_one():
