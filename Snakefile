@@ -1,4 +1,5 @@
-# lds workflow: preprocess -> extract -> solve -> decode -> evaluate, per dataset x model, sharded; optionally
+# lds workflow: preprocess -> extract -> solve -> decode -> evaluate, per dataset x model (solve onwards per graph
+# kind, kq and vv, on the model's one extract), sharded; optionally
 # the TokenCut / MaskCut baselines (extract -> baseline -> decode -> evaluate) and CLIP zero-shot labels.
 # Each rule calls one `lds` stage; the stage finds its artifact in the content-addressed store when
 # nothing relevant changed, so re-running a rule is cheap. Snakemake tracks the small JSON manifests.
@@ -6,13 +7,18 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from pipeline.consumers import BASELINE_ARRAYS, GRAPH_ARRAYS, ZEROSHOT_ARRAYS, arrays_needed
 from pipeline.data import num_shards, open_dataset
+from pipeline.failures import MAX_FAILED_ENV, parse_max_failed
 from pipeline.models import default_clip_repo, get_spec
+from pipeline.store import Store
+from stages.common import STAGE_VERSIONS, find_manifests, stale_manifests
 
 configfile: "config/config.yaml"
 validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
@@ -23,7 +29,22 @@ STORE = os.environ.get("LDS_CACHE", config["store"])
 # Every stage this workflow run starts files its journal records (computed, reused, failed) under one
 # run name, which `lds summary` reads; cluster jobs inherit it with the environment.
 os.environ.setdefault("LDS_RUN", time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+# Every stage may leave out this many failed images (a count, or a fraction of its images) and publish the rest.
+os.environ[MAX_FAILED_ENV] = str(parse_max_failed(config["max_failed"]))
+# extract.keep until-consumed: a shard's extract manifest is temporary, and its attention is released (rule
+# release_extract) once every stage that reads it has published
+KEEP_ALL = config["extract"]["keep"] == "all"
+# ... and the readers of a finished extract (and its release) go before the next shard's extract, so that
+# about one extract per core is held at a time rather than every shard's
+READER_PRIORITY = 0 if KEEP_ALL else 1
 RESULTS = config["results"]
+# A manifest naming an artifact that is gone from the store (deleted by hand, `lds cache gc`) is removed, so
+# that its rule runs again and makes it (the rules after it then run too, and find theirs in the store).
+if workflow.is_main_process:
+    stage_manifests = [path for path in Path(RESULTS).rglob("*.json") if path.stem in STAGE_VERSIONS]
+    for stale in stale_manifests(Store(STORE), find_manifests(stage_manifests)):
+        print(f"lds: {stale} names an artifact that is not in store {STORE}: removed, so its rule runs again", file=sys.stderr)
+        stale.unlink()
 LDS = f'"{sys.executable}" -m stages'
 RUN = RESULTS + "/{dataset}/{model}"
 SHARD = RUN + "/shard-{shard}"
@@ -49,13 +70,30 @@ wildcard_constraints:
 
 # A model's result folder: its name with '/' as '--' (hf:facebook/dino-vits16 -> hf:facebook--dino-vits16).
 MODELS = {model.replace("/", "--"): model for model in config["models"]}
-if any("+" in folder for folder in MODELS):
-    raise WorkflowError("a model name in the config holds '+', which the workflow keeps for baseline runs (<model>+maskcut)")
+if any("+" in folder or "@" in folder for folder in MODELS):
+    raise WorkflowError("a model name in the config holds '+' or '@', which the workflow keeps for baseline runs (<model>+maskcut) and graph kinds (<model>@vv)")
+# Each graph kind of `solve.graph` is a run of its own on the model's extract (shared): kq in the model's
+# folder, vv in <model>@vv. With solve.level dataset there is one run per model, on solve_dataset.graph, in
+# the model's folder. The `model` wildcard of the solve, decode, cluster, zeroshot and evaluate rules is
+# such a run folder.
+GRAPHS = (SOLVE["graph"] if isinstance(SOLVE["graph"], list) else [SOLVE["graph"]]) if SOLVE["level"] == "image" else [None]
+GRAPH_SUFFIX = {"kq": "", "vv": "@vv", None: ""}
+RUN_FOLDERS = {folder + GRAPH_SUFFIX[graph]: graph for folder in MODELS for graph in GRAPHS}  # run folder -> graph kind
+
+
+def model_folder(folder: str) -> str:
+    """The model's result folder of a run folder: tiny-vit@vv -> tiny-vit."""
+    return folder.split("@", 1)[0]
 
 
 def model_spec(wildcards):
     """The registry entry of the model a job's `model` wildcard (a result folder name) stands for."""
-    return get_spec(MODELS[wildcards.model])
+    return get_spec(MODELS[model_folder(wildcards.model)])
+
+
+def shard_extract(wildcards) -> str:
+    """A run's shard's extract manifest: in its model's folder, shared by the model's runs on every graph kind."""
+    return f"{RESULTS}/{wildcards.dataset}/{model_folder(wildcards.model)}/shard-{wildcards.shard}/extract.json"
 
 
 DATASETS = {name: open_dataset(d["spec"]) for name, d in config["datasets"].items()}
@@ -75,15 +113,17 @@ def mem_mb(vit: int, diffusion: int | None = None):
 
 
 # Config keys that are not options of the section's `lds` command (the workflow reads them itself).
-WORKFLOW_KEYS = {"extract": ("weights",), "solve": ("level",)}
+WORKFLOW_KEYS = {"extract": ("weights", "keep"), "solve": ("level", "graph")}
 
 
-def command_options(section: str) -> str:
-    """The `lds` options of a config section, in the schema's order: key `max_timestep` as `--max-timestep
-    VALUE`, a list comma-joined, true as a bare flag; null, false and empty lists left out (the default)."""
+def command_options(section: str, overrides: dict | None = None) -> str:
+    """The `lds` options of a config section (with ``overrides``), in the schema's order: key `max_timestep`
+    as `--max-timestep VALUE`, a list comma-joined, true as a bare flag; null, false and empty lists left
+    out (the default)."""
     parts = []
+    values = {**config[section], **(overrides or {})}
     for key in SCHEMA["properties"][section]["properties"]:
-        value = config[section].get(key)
+        value = values.get(key)
         if key in WORKFLOW_KEYS.get(section, ()) or value is None or value is False or value == []:
             continue
         flag = "--" + key.replace("_", "-")
@@ -152,6 +192,37 @@ ZEROSHOT_CLIPS = zeroshot_clips()
 ZEROSHOT_DATASETS = zeroshot_datasets()
 
 
+def labelled(wildcards) -> bool:
+    """Whether this dataset x model (each of its runs) gets CLIP zero-shot labels (which read its extract's values)."""
+    return model_folder(wildcards.model) in ZEROSHOT_CLIPS and wildcards.dataset in ZEROSHOT_DATASETS
+
+
+def extract_options(wildcards) -> str:
+    """`lds extract` options: the config's, and what the readers of this dataset x model's extract need:
+    `--arrays` (kq graphs: q,k; vv graphs and zero-shot labels: v; baselines: q,k or k) and, when the
+    dataset-level solver is its only reader, only its layers (`--max-resolution`), heads concatenated."""
+    needs = [GRAPH_ARRAYS[graph or config["solve_dataset"]["graph"]] for graph in GRAPHS]
+    if labelled(wildcards):
+        needs.append(ZEROSHOT_ARRAYS)
+    if config["baselines"]:
+        needs.append(BASELINE_ARRAYS[config["baseline_options"]["affinity"]])
+    overrides = {}
+    if SOLVE["level"] == "dataset" and not config["baselines"] and not labelled(wildcards):
+        overrides = {"max_resolution": config["extract"]["max_resolution"] or config["solve_dataset"]["resolution"], "concat_heads": True}
+    return f"{command_options('extract', overrides)} --arrays {','.join(arrays_needed(needs))}"
+
+
+def extract_readers(wildcards) -> list[str]:
+    """The manifests of every stage that reads a shard's extract: the solve of each run (graph kind), each
+    baseline, the zero-shot labels of each run."""
+    runs = [folder for folder in RUN_FOLDERS if model_folder(folder) == wildcards.model]
+    readers = expand(RESULTS + "/{dataset}/{run}/shard-{shard}/solve.json", run=runs, dataset=wildcards.dataset, shard=wildcards.shard)
+    readers += expand(BASELINE_SHARD + "/baseline.json", **wildcards, baseline=config["baselines"])
+    if labelled(wildcards):
+        readers += expand(RESULTS + "/{dataset}/{run}/shard-{shard}/zeroshot.json", run=runs, dataset=wildcards.dataset, shard=wildcards.shard)
+    return readers
+
+
 def shard_manifests(wildcards, stage: str = "decode", pattern: str = SHARD) -> list[str]:
     """Every shard's ``stage`` manifest of a run (``pattern``: the run's shard folder, SHARD or BASELINE_SHARD)."""
     count = SHARDS[wildcards.dataset]
@@ -165,7 +236,7 @@ def evaluate_inputs(wildcards, run: str = RUN, shard: str = SHARD):
     inputs = {"decode": shard_manifests(wildcards, pattern=shard)}
     if DECODE.get("dataset_clusters"):
         inputs["semantic"] = expand(run + "/cluster.json", **wildcards)
-    if run == RUN and wildcards.model in ZEROSHOT_CLIPS and wildcards.dataset in ZEROSHOT_DATASETS:
+    if run == RUN and labelled(wildcards):
         inputs["zeroshot"] = shard_manifests(wildcards, "zeroshot")
     return inputs
 
@@ -180,16 +251,20 @@ def evaluate_outputs(run: str) -> dict[str, str]:
     return {"manifest": run + "/evaluate.json", "metrics": run + "/metrics.json", "sheet": run + "/figures/contact-sheet.png"}
 
 
-RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS)) + expand(
+RUNS = expand(RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(RUN_FOLDERS)) + expand(
     BASELINE_RUN + "/metrics.json", dataset=list(config["datasets"]), model=list(MODELS), baseline=config["baselines"]
 )
 REPORT = [RESULTS + f"/{name}" for name in ("index.html", "metrics.json", "metrics.csv", "metrics.md")]
+RELEASED = [] if KEEP_ALL else [
+    f"{RESULTS}/{dataset}/{model}/shard-{shard}/extract-released.json" for dataset in config["datasets"] for model in MODELS for shard in range(SHARDS[dataset])
+]
 
 
 rule all:
     input:
         RUNS,
         REPORT,
+        RELEASED,
 
 
 def run_summary() -> None:
@@ -199,7 +274,7 @@ def run_summary() -> None:
 
 onsuccess:
     run_summary()
-    print(f"lds: open {os.path.abspath(RESULTS)}/index.html: metrics (metrics.md, .csv, .json) and figures per dataset and model")
+    print(f"lds: open {os.path.abspath(RESULTS)}/index.html: metrics (metrics.md, .csv, .json), figures per dataset and model, and the explorer (a page per image)")
 
 
 onerror:
@@ -232,10 +307,10 @@ rule extract:
     input:
         SHARD + "/preprocess.json",
     output:
-        SHARD + "/extract.json",
+        SHARD + "/extract.json" if KEEP_ALL else temp(SHARD + "/extract.json"),
     params:
         model=lambda w: MODELS[w.model],
-        options=lambda w: " ".join(filter(None, (extract_weights(w), command_options("extract")))),
+        options=lambda w: " ".join(filter(None, (extract_weights(w), extract_options(w)))),
     threads: THREADS["shard"]
     resources:
         mem_mb=mem_mb(4000, 16000),
@@ -251,12 +326,13 @@ if SOLVE["level"] == "image":
 
     rule solve:
         input:
-            SHARD + "/extract.json",
+            shard_extract,
         output:
             SHARD + "/solve.json",
         params:
-            options=command_options("solve"),
+            options=lambda w: f"--graph {RUN_FOLDERS[w.model]} {command_options('solve')}",
         threads: THREADS["shard"]
+        priority: READER_PRIORITY
         resources:
             mem_mb=mem_mb(3000, 12000),
             **GPU,
@@ -337,11 +413,12 @@ rule cluster:
 
 rule zeroshot:
     input:
-        SHARD + "/decode.json",
+        decode=SHARD + "/decode.json",
+        extract=shard_extract,  # read through the decode's lineage: kept until this job is done
     output:
         SHARD + "/zeroshot.json",
     params:
-        clip=lambda w: ZEROSHOT_CLIPS[w.model],
+        clip=lambda w: ZEROSHOT_CLIPS[model_folder(w.model)],
         classes=f"--classes {shlex.quote(','.join(config['zeroshot']['classes']))}" if config["zeroshot"]["classes"] else "",
         threshold=config["zeroshot"]["threshold"],
         score=config["zeroshot"]["score"],
@@ -351,7 +428,7 @@ rule zeroshot:
     benchmark:
         BENCH + "/shard-{shard}/zeroshot.tsv"
     shell:
-        "{LDS} zeroshot --input {input:q} {params.clip} {params.classes} --threshold {params.threshold} --score {params.score}"
+        "{LDS} zeroshot --input {input.decode:q} {params.clip} {params.classes} --threshold {params.threshold} --score {params.score}"
         " --store {STORE:q} --manifest {output:q}"
 
 
@@ -365,6 +442,7 @@ rule evaluate:
         semantic=lambda w, input: f"--semantic '{input.semantic}'" if "semantic" in input.keys() else "",
         zeroshot=lambda w, input: " ".join(f"--zeroshot '{path}'" for path in input.get("zeroshot", [])),
         figures=RUN + "/figures",
+        layers=RUN + "/layers.csv",  # per-layer agreement (runs of lds solve only)
         dask=DASK_SCHEDULER,
     threads: THREADS["dataset"]
     resources:
@@ -373,7 +451,7 @@ rule evaluate:
         BENCH + "/evaluate.tsv"
     shell:
         "{LDS} evaluate {params.inputs} {params.semantic} {params.zeroshot} --metrics {output.metrics:q} --figures {params.figures:q}"
-        " {params.dask} --store {STORE:q} --manifest {output.manifest:q}"
+        " --layers-csv {params.layers:q} {params.dask} --store {STORE:q} --manifest {output.manifest:q}"
 
 
 # The baselines: `lds baseline` on each shard's extract stands in for `lds solve`; decode (its masks are the
@@ -386,6 +464,7 @@ rule baseline:
     params:
         options=lambda w: baseline_options(w.baseline),
     threads: THREADS["shard"]
+    priority: READER_PRIORITY
     resources:
         mem_mb=mem_mb(3000, 12000),
     benchmark:
@@ -421,8 +500,25 @@ use rule evaluate as evaluate_baseline with:
         **evaluate_outputs(BASELINE_RUN),
     params:
         figures=BASELINE_RUN + "/figures",
+        layers=BASELINE_RUN + "/layers.csv",
     benchmark:
         BASELINE_BENCH + "/evaluate.tsv"
+
+
+# extract.keep until-consumed: a shard's attention is deleted from the store once all its readers have
+# published (the store keeps the artifact's metadata; a later job that needs it makes it again)
+rule release_extract:
+    input:
+        extract=SHARD + "/extract.json",
+        readers=extract_readers,
+    output:
+        SHARD + "/extract-released.json",
+    params:
+        after=lambda w, input: " ".join(f"--after '{path}'" for path in input.readers),
+    localrule: True
+    priority: READER_PRIORITY + 1
+    shell:
+        "{LDS} cache release {input.extract:q} {params.after} --record {output:q} --store {STORE:q}"
 
 
 rule report:

@@ -48,11 +48,11 @@ def run_configs(coco: str, voc: str, store: str, adam_images: int) -> dict[str, 
     coco_data = {"coco-mini": {"spec": f"coco:{coco}:train2017", "images_per_shard": 42}}
     voc_data = {"voc20": {"spec": f"voc2012:{voc}:train", "images_per_shard": 34}}
     subset = {"coco-mini-first": {"spec": f"coco:{coco}:train2017", "images_per_shard": -(-adam_images // 2), "max_images": adam_images}}
-    base = {"store": store, "results": "results", "models": [MODEL]}
+    base = {"store": store, "results": "results", "models": [MODEL]}  # per-image runs on kq graphs only (solve.graph)
     return {
-        "coco": {**base, "datasets": coco_data, "solve": {"solver": "exact"}, "decode": {"instances": True}, "baselines": ["tokencut", "maskcut"]},
-        "coco-paper-proposals": {**base, "datasets": coco_data, "solve": {"solver": "exact"}, "decode": {"instances": True, "extended_proposals": False}},
-        "voc-image": {**base, "datasets": voc_data, "solve": {"solver": "exact"}, "decode": {"instances": True}},
+        "coco": {**base, "datasets": coco_data, "solve": {"solver": "exact", "graph": "kq"}, "decode": {"instances": True}, "baselines": ["tokencut", "maskcut"]},
+        "coco-paper-proposals": {**base, "datasets": coco_data, "solve": {"solver": "exact", "graph": "kq"}, "decode": {"instances": True, "extended_proposals": False}},
+        "voc-image": {**base, "datasets": voc_data, "solve": {"solver": "exact", "graph": "kq"}, "decode": {"instances": True}},
         "voc-dataset": {
             **base, "datasets": voc_data, "preprocess": {"mode": "center-crop", "size": 320},
             "extract": {"max_resolution": 32, "concat_heads": True}, "solve": {"level": "dataset"},
@@ -60,8 +60,8 @@ def run_configs(coco: str, voc: str, store: str, adam_images: int) -> dict[str, 
             "solve_dataset": {"graph": "vv", "layers": "block08,block09,block10,block11", "partitions": 2, "epochs": 20, "lr": 0.1, "ema": 0.95},
             "decode": {"instances": False, "dataset_clusters": 21},
         },
-        "solvers-exact": {**base, "datasets": subset, "solve": {"solver": "exact"}, "decode": {"instances": True}},
-        "solvers-adam": {**base, "datasets": subset, "solve": {"solver": "adam"}, "decode": {"instances": True}},
+        "solvers-exact": {**base, "datasets": subset, "solve": {"solver": "exact", "graph": "kq"}, "decode": {"instances": True}},
+        "solvers-adam": {**base, "datasets": subset, "solve": {"solver": "adam", "graph": "kq"}, "decode": {"instances": True}},
     }
 
 

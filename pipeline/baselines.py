@@ -21,9 +21,10 @@ absolute value the foreground, and keeps the 4-connected component of the foregr
 seed. MaskCut repeats this N times, every further cut of the tokens in no mask yet (their subgraph;
 CutLER's ``maskcut.py`` keeps found tokens at eps weight instead, which makes them the cheapest cut once
 the rest holds no clear object, so its IoU > 0.5 repeat rule drops the mask: on DINOv2 that left 1.5-2
-masks per image where the subgraph gives 2.5-2.7), the foreground is the other side when it holds 3 or 4
-of the image corners, and a further mask covering 1% of the image or less is dropped (without CutLER's
-CRF post-processing).
+masks per image where the subgraph gives 2.5-2.7), and the foreground is the other side when it holds 3
+or 4 of the image corners. As in CutLER, every one of the N cuts is kept however small (no CRF
+post-processing here); ``min_area`` can drop small further masks (on 40 coco-mini photos a 1% floor
+left 2.6 masks per image with the same AP, the masks it dropped being ranked last).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class BaselineParams:
     centre: bool = True  # features affinity: subtract the mean key before the cosine similarity
     artifacts: float = 5.0  # key-norm robust z-score above which a token leaves the graph (inf: none)
     eps: float = 1e-5  # weight of the edges below tau
-    min_area: float = 0.01  # MaskCut: a mask covering this fraction of the image or less is dropped
+    min_area: float = 0.0  # MaskCut: a further mask covering this fraction of the image or less is dropped
 
 
 @dataclass
@@ -95,7 +96,7 @@ def attention_affinity(layer: LayerAttention) -> np.ndarray:
     from pipeline.graphs import summed_symmetrised
     from pipeline.solver_params import GraphOptions
 
-    return summed_symmetrised(layer, GraphOptions("kq", "random-walk")).numpy() / layer.q.shape[0]
+    return summed_symmetrised(layer, GraphOptions("kq", "random-walk")).numpy() / layer.heads
 
 
 def layer_affinity(layer: LayerAttention, params: BaselineParams, kept: np.ndarray) -> np.ndarray:

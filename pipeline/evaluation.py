@@ -23,11 +23,12 @@ def no_confusion() -> np.ndarray:
 
 @dataclass
 class Totals:
-    """What evaluate sums over images: per-image values in image order, confusion matrices added (the
-    oracle-decoded regions and the dataset-level clusters), COCO ground truth and detections listed."""
+    """What evaluate sums over images: per-image values in image order (``matched_miou`` None for an
+    image without labels), confusion matrices added (the oracle-decoded regions and the dataset-level
+    clusters), COCO ground truth and detections listed."""
 
     xy: list[dict[str, float]] = field(default_factory=list)
-    matched_miou: list[float] = field(default_factory=list)
+    matched_miou: list[float | None] = field(default_factory=list)
     oracle: np.ndarray = field(default_factory=no_confusion)
     semantic: np.ndarray = field(default_factory=no_confusion)
     truth_images: list[dict] = field(default_factory=list)
@@ -64,11 +65,11 @@ def image_totals(
     and, given dataset-level ``clusters``, theirs (``classes``: the dataset's class count, at least);
     with ``objects`` (a COCO image record and its annotations) and ``detections`` (COCO results on the
     same image), both listed for COCOeval."""
-    totals = Totals(xy=[xy_regression(x_ortho, xy_grid)])
+    totals = Totals(xy=[xy_regression(x_ortho, xy_grid)], matched_miou=[None])
     labelled = None if truth is None else truth[(truth >= 0) & (truth != IGNORE)]
     if labelled is not None and labelled.size:
         n = max(classes, int(labelled.max()) + 1)
-        totals.matched_miou.append(matched_scores(confusion_matrix(truth, regions, n, int(regions.max()) + 1))["miou"])
+        totals.matched_miou = [matched_scores(confusion_matrix(truth, regions, n, int(regions.max()) + 1))["miou"]]
         totals.oracle = confusion_matrix(truth, oracle_labels(regions, truth), n, n)
         if clusters is not None:
             totals.semantic = confusion_matrix(truth, clusters, n, int(clusters.max()) + 1)

@@ -11,18 +11,28 @@ import torch
 @dataclass
 class LayerAttention:
     """One attention layer's patch tokens: arrays are (head, y, x, dim), or (timestep, head, y, x, dim)
-    for Stable Diffusion, where ``timesteps`` names the diffusion timestep of each leading index."""
+    for Stable Diffusion, where ``timesteps`` names the diffusion timestep of each leading index. An
+    array the extract did not store (``--arrays``) is None."""
 
     name: str
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
+    q: np.ndarray | None
+    k: np.ndarray | None
+    v: np.ndarray | None
     scale: float
     timesteps: tuple[int, ...] | None = None
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the stored arrays (q, k and v alike)."""
+        return next(a for a in (self.q, self.k, self.v) if a is not None).shape
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return self.q.shape[-3], self.q.shape[-2]
+        return self.shape[-3], self.shape[-2]
+
+    @property
+    def heads(self) -> int:
+        return self.shape[-4]
 
 
 def image_tensor(rgb: np.ndarray, mean, std) -> torch.Tensor:
@@ -89,7 +99,7 @@ def upsample_layer(layer: LayerAttention, grid: tuple[int, int]) -> LayerAttenti
         out = torch.nn.functional.interpolate(flat, size=tuple(grid), mode="bicubic", align_corners=False)
         return np.moveaxis(out.reshape(*maps.shape[:-2], *grid).numpy(), -3, -1).astype(a.dtype)
 
-    return LayerAttention(layer.name, resized(layer.q), resized(layer.k), resized(layer.v), layer.scale, layer.timesteps)
+    return LayerAttention(layer.name, *(None if a is None else resized(a) for a in (layer.q, layer.k, layer.v)), layer.scale, layer.timesteps)
 
 
 def is_coarse(grid: tuple[int, int], max_resolution: int) -> bool:
@@ -107,7 +117,7 @@ def concat_heads(layer: LayerAttention) -> LayerAttention:
 
     (..., head, y, x, dim) -> (..., 1, y, x, head * dim). ``scale`` stays the per-head scale of the model.
     """
-    joined = [np.expand_dims(join_heads(a), -4) for a in (layer.q, layer.k, layer.v)]
+    joined = [None if a is None else np.expand_dims(join_heads(a), -4) for a in (layer.q, layer.k, layer.v)]
     return LayerAttention(layer.name, *joined, layer.scale, layer.timesteps)
 
 
@@ -116,3 +126,24 @@ def join_heads(array: np.ndarray) -> np.ndarray:
     output before it is split into heads."""
     moved = np.moveaxis(array, -4, -2)  # (..., y, x, head, dim)
     return moved.reshape(*moved.shape[:-2], -1)
+
+
+def quantise(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., y, x, dim) floats -> int8 values of the same shape and float32 scales (..., dim): one per
+    channel of each head (and timestep), its largest magnitude over the token grid over 127, so that
+    values * scale is the array to within half a scale step."""
+    peak = np.abs(array).max(axis=(-3, -2)).astype(np.float32)
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+    return np.rint(array / scale[..., None, None, :]).astype(np.int8), scale
+
+
+def dequantise(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 array that ``quantise`` stored as int8 ``values`` and ``scale``."""
+    return values.astype(np.float32) * scale[..., None, None, :]
+
+
+def stored_array(layer_group, name: str, index=...) -> np.ndarray:
+    """A layer's stored q, k or v (from a zarr group or any mapping of arrays) as floats, int8 ones
+    dequantised with their ``<name>_scale``; ``index`` picks along the leading axis (a timestep)."""
+    values = layer_group[name][index]
+    return dequantise(values, layer_group[f"{name}_scale"][index]) if values.dtype == np.int8 else values

@@ -1,5 +1,6 @@
 """Figures a person can open: the image, its eigenvectors as RGB, PCA of X, the semantic map, object
-proposals, and a contact sheet per dataset."""
+proposals, a contact sheet per dataset, and for the explorer each image's eigenvectors and regions with
+a row per graph kind and the per-layer agreement."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.base import IGNORE
 
 TOP_PROPOSALS = 8  # proposals drawn on a figure (best first)
 
@@ -140,3 +143,99 @@ def save_contact_sheet(path: Path, views: list[ImageView], title: str, semantic_
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     save_png(figure, path, dpi=72)
+
+
+def show_outlines(axis, masks: np.ndarray) -> None:
+    """The outline of each ground-truth mask (n, y, x) as a thin white contour."""
+    for mask in masks:
+        if mask.any():
+            axis.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+
+
+def truth_outlines(labels: np.ndarray | None, instances: np.ndarray | None) -> np.ndarray | None:
+    """The masks whose outlines a figure draws: the objects when the dataset has them, else one mask per
+    labelled class; None without ground truth."""
+    if instances is not None and len(instances):
+        return instances
+    if labels is None:
+        return None
+    return np.stack([labels == c for c in np.unique(labels) if c != IGNORE]) if (labels != IGNORE).any() else None
+
+
+def save_what_where_figure(path: Path, rgb: np.ndarray, x_orthos: dict[str, np.ndarray], title: str, first: int = 1) -> None:
+    """The paper's Figures 8 and 9 for one image: a row per graph kind, the input then every RGB triplet
+    of X_ortho's components (from stored component ``first``)."""
+    plt = _plt()
+    extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
+    rows = {graph: eigenvector_panels(x.shape[0], first, panels=x.shape[0]) for graph, x in x_orthos.items()}
+    columns = 1 + max(len(panels) for panels in rows.values())
+    height = 2.2 * rgb.shape[0] / rgb.shape[1]
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, height * len(rows) + 0.5), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for row, (graph, panels) in zip(axes, rows.items()):
+        row[0].imshow(rgb)
+        row[0].set_title(f"{graph}: input", fontsize=8)
+        for axis, (label, start) in zip(row[1:], panels):
+            axis.imshow(eigenvectors_rgb(x_orthos[graph], start), interpolation="nearest", extent=extent)
+            axis.set_title(f"{graph}: {label.replace(' as RGB', '')}", fontsize=8)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    save_png(figure, path)
+
+
+def save_regions_figure(path: Path, views: dict[str, ImageView], outlines: np.ndarray | None, title: str) -> None:
+    """A row per graph kind: its K-Means map and its best proposals, with the ground truth's outlines
+    (``truth_outlines``) drawn over both when the dataset has them."""
+    plt = _plt()
+    columns = 2 if any(v.proposals is not None for v in views.values()) else 1
+    rgb = next(iter(views.values())).rgb
+    height = 3.0 * rgb.shape[0] / rgb.shape[1]
+    figure, axes = plt.subplots(len(views), columns, figsize=(3.0 * columns, height * len(views) + 0.5), squeeze=False)
+    for row, (graph, view) in zip(axes, views.items()):
+        for axis in row:
+            axis.axis("off")
+        show_semantic(row[0], view)
+        row[0].set_title(f"{graph}: K-Means map ({len(np.unique(view.semantic))} regions)", fontsize=8)
+        drawn = row[:1]
+        if columns == 2 and view.proposals is not None:
+            show_proposals(row[1], view)
+            row[1].set_title(f"{graph}: proposals (best {min(len(view.proposals), TOP_PROPOSALS)} of {len(view.proposals)})", fontsize=8)
+            drawn = row
+        for axis in drawn if outlines is not None else ():
+            show_outlines(axis, outlines)
+    figure.suptitle(title + (" | white: ground-truth outlines" if outlines is not None else ""), fontsize=8)
+    figure.tight_layout()
+    save_png(figure, path)
+
+
+def save_layer_figure(path: Path, profiles: dict[str, list[dict]], title: str) -> None:
+    """Per graph kind side by side, each head's agreement with the joint eigenvectors (layers down, heads
+    across, averaged over the images), then each layer's own X-Y R², a line per graph kind. ``profiles``:
+    graph -> rows of ``pipeline.layers.read_layers_csv``."""
+    plt = _plt()
+    layers = list(dict.fromkeys(row["layer"] for rows in profiles.values() for row in rows))
+    heads = list(dict.fromkeys(row["head"] for rows in profiles.values() for row in rows))
+    values = [row["agreement"] for rows in profiles.values() for row in rows]
+    columns = len(profiles) + 1
+    figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 1.2 + 0.28 * len(layers)), squeeze=False, layout="constrained")
+    for axis, (graph, rows) in zip(axes[0], profiles.items()):
+        grid = np.full((len(layers), len(heads)), np.nan)
+        for row in rows:
+            grid[layers.index(row["layer"]), heads.index(row["head"])] = row["agreement"]
+        image = axis.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest", vmin=min(values), vmax=max(values))
+        axis.set_title(f"{graph}: agreement " + r"diag($Z^\top A Z$)", fontsize=8)
+        axis.set_yticks(range(len(layers)), layers, fontsize=6)
+        axis.set_xticks(range(len(heads)), [h.replace("head", "") for h in heads], fontsize=6)
+        axis.set_xlabel("head", fontsize=7)
+    figure.colorbar(image, ax=list(axes[0, :-1]), fraction=0.04)  # one scale for every graph kind
+    axis = axes[0, -1]
+    for graph, rows in profiles.items():
+        position = {row["layer"]: row["layer_xy_r2"] for row in rows if row["layer_xy_r2"] is not None}
+        axis.plot([position.get(layer, np.nan) for layer in layers], range(len(layers)), marker="o", label=graph)
+    axis.set_yticks(range(len(layers)), layers, fontsize=6)
+    axis.invert_yaxis()
+    axis.set_title("X-Y R² of each layer's own eigenvectors", fontsize=8)
+    axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    save_png(figure, path)

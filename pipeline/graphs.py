@@ -75,27 +75,26 @@ def select(layers: list[LayerAttention], options: GraphOptions) -> list[LayerAtt
                 stored = ", ".join(stored_name(layer.name) for layer in layers)
                 raise LdsError(f"layer {wanted!r} is not stored; stored layers: {stored}")
     if options.heads:
-        available = min(layer.q.shape[0] for layer in chosen)
+        available = min(layer.heads for layer in chosen)
         bad = [h for h in options.heads if not 0 <= h < available]
         if bad:
             raise LdsError(f"head {bad[0]} does not exist; the selected layers have {available} heads")
         chosen = [
-            LayerAttention(layer.name, layer.q[list(options.heads)], layer.k[list(options.heads)],
-                           layer.v[list(options.heads)], layer.scale)
+            LayerAttention(layer.name, *(None if a is None else a[list(options.heads)] for a in (layer.q, layer.k, layer.v)), layer.scale)
             for layer in chosen
         ]
     return chosen
 
 
 def head_names(layer: LayerAttention, options: GraphOptions) -> list[str]:
-    heads = options.heads or range(layer.q.shape[0])
+    heads = options.heads or range(layer.heads)
     return [f"{layer.name}/head{h}" for h in heads]
 
 
 def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu"
                ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
     """(rows, block (heads, rows, N), sqrt-degree (heads, N) or None) covering every row of the graphs."""
-    heads = layer.q.shape[0]
+    heads = layer.heads
     size = layer.grid[0] * layer.grid[1]
     rows_per_block = max(1, BLOCK_ELEMENTS // (heads * size))
     left, right = _operands(layer, options.kind, device)

@@ -1,5 +1,6 @@
-"""Aggregating the metrics of every dataset x model: rows, CSV, tables in the layout of the paper's
-(models down, datasets across), and an HTML index that links the figures."""
+"""Aggregating the metrics of every dataset x model (x graph kind): rows, CSV, tables in the layout of
+the paper's (models down, datasets across), the what/where table, and an HTML index that links the
+figures and the explorer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import csv
 import html
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+from pipeline.explorer import SORT_SCRIPT, STYLE, Explorer, explorer_section
 
 # Scalar metrics in report order: (key, header, format). Percentages as in the paper's tables.
 METRICS = (
@@ -37,6 +40,23 @@ TABLES = (
     ("Class-agnostic object proposals (COCOeval)", ("box_ap50", "box_ap", "box_ar100", "mask_ap50", "mask_ap", "mask_ar100")),
     ("X-Y coordinate regression (32 x 32 grid, 80/20 split)", ("xy_regression_r2", "xy_regression_error")),
 )
+# The paper's finding, a row per dataset x model x graph kind: does the graph carry position ("where")
+# or object classes ("what")?
+WHAT_WHERE = (
+    ("xy_regression_r2", "X-Y R²"),
+    ("xy_regression_error", "X-Y error"),
+    ("oracle_miou", "oracle mIoU"),
+    ("semantic_miou", "semantic mIoU"),
+    ("crossimage_kmeans_miou", "K-Means across images mIoU"),
+    ("box_ar100", "box AR100"),
+    ("mask_ar100", "mask AR100"),
+)
+WHAT_WHERE_NOTE = (
+    "How to read it: compare the graph kinds of one model. A high X-Y R² (low error) means the eigenvectors "
+    "encode position: that graph carries 'where'. A high semantic mIoU (and oracle mIoU) means its regions follow "
+    "object classes: it carries 'what'. kq: key-query attention; vv: value-value similarity (qk: the dataset-level "
+    "solver's key-query graph)."
+)
 BASELINE_NAMES = {"tokencut": "TokenCut", "maskcut": "MaskCut"}  # as the paper's tables name them
 HEADERS = {key: header for key, header, _ in METRICS}
 FORMATS = {key: kind for key, _, kind in METRICS}
@@ -47,26 +67,35 @@ class Table:
     title: str
     columns: list[str]
     rows: list[list[str]]
+    note: str = ""  # a sentence under the title
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines = [f"### {self.title}", ""] + ([self.note, ""] if self.note else [])
+        lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
-        return f"<h3>{html.escape(self.title)}</h3>\n<table><tr>{head}</tr>{body}</table>\n"
+        note = f"<p>{html.escape(self.note)}</p>\n" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>\n{note}<table><tr>{head}</tr>{body}</table>\n"
 
 
 def run_name(run: dict[str, Any]) -> str:
-    """The model, and the baseline when the run is one: 'dino-vits16 (MaskCut)'."""
+    """The model, and the graph kind of a solver's run or the baseline of a baseline's run:
+    'dino-vits16 (vv)', 'dino-vits16 (MaskCut)'."""
     baseline = run.get("baseline")
-    return f"{run['model']} ({BASELINE_NAMES.get(baseline, baseline)})" if baseline else run["model"]
+    tag = BASELINE_NAMES.get(baseline, baseline) if baseline else run.get("graph")
+    return f"{run['model']} ({tag})" if tag else run["model"]
+
+
+def not_pretrained(run: dict[str, Any]) -> str:
+    return "" if run.get("pretrained") else " (NOT pretrained)"
 
 
 def model_label(run: dict[str, Any]) -> str:
-    return f"{run_name(run)}{'' if run.get('pretrained') else ' (NOT pretrained)'}"
+    return run_name(run) + not_pretrained(run)
 
 
 def fmt(key: str, value: Any) -> str:
@@ -91,17 +120,35 @@ def tables(runs: list[dict[str, Any]]) -> list[Table]:
     return out
 
 
+def what_where_table(runs: list[dict[str, Any]]) -> Table | None:
+    """A row per dataset x model x graph kind (runs that record one): position against classes, the
+    columns no run has left out; None without such runs."""
+    solved = sorted((r for r in runs if r.get("graph")), key=lambda r: (r["dataset"], r["model"], r["graph"]))
+    if not solved:
+        return None
+    keys = [(key, header) for key, header in WHAT_WHERE if any(key in r for r in solved)]
+    rows = [[r["dataset"], r["model"] + not_pretrained(r), r["graph"]] + [fmt(key, r.get(key)) for key, _ in keys] for r in solved]
+    return Table("What and where: which graph carries position, which carries classes", ["dataset", "model", "graph"] + [h for _, h in keys], rows, WHAT_WHERE_NOTE)
+
+
+def all_tables(runs: list[dict[str, Any]]) -> list[Table]:
+    """The what/where table (when some run records its graph kind), then the task tables."""
+    first = what_where_table(runs)
+    return ([first] if first else []) + tables(runs)
+
+
 def markdown_report(runs: list[dict[str, Any]]) -> str:
     intro = (
         "# lds metrics\n\nPercentages (mIoU, accuracy, AP, AR) and X-Y regression R² / error; "
         "'-' where the dataset has no ground truth for that task. README.md (Metrics) says what each one means.\n\n"
     )
-    return intro + "\n".join(t.markdown() for t in tables(runs))
+    return intro + "\n".join(t.markdown() for t in all_tables(runs))
 
 
 def csv_report(runs: list[dict[str, Any]]) -> str:
-    """One row per dataset x model (x baseline): identification, then every scalar metric (empty when absent)."""
-    fields = ["dataset", "model", "pretrained", "weights", "images", "baseline"] + [k for k, _, _ in METRICS]
+    """One row per dataset x model (x graph kind or baseline): identification, then every scalar metric
+    (empty when absent)."""
+    fields = ["dataset", "model", "pretrained", "weights", "images", "baseline", "graph"] + [k for k, _, _ in METRICS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -123,17 +170,17 @@ class RunLinks:
     proposals: list[str]  # COCO results json files
 
 
-def html_index(runs: list[dict[str, Any]], links: list[RunLinks]) -> str:
-    """A page that shows the metrics tables and, per dataset x model, its contact sheet and links to
+def html_index(runs: list[dict[str, Any]], links: list[RunLinks], explorers: Sequence[Explorer] = ()) -> str:
+    """A page that shows the metrics tables; per dataset x model its explorer (per-layer agreement and a
+    sortable table of its images, each linking its page); and per run its contact sheet and links to
     every figure and file."""
     parts = [
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>lds results</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin-bottom:1em}"
-        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-        "img.sheet{max-width:100%;border:1px solid #ccc}.warn{color:#a00}</style></head><body>",
+        STYLE.replace("</style>", "img.sheet{max-width:100%;border:1px solid #ccc}.warn{color:#a00}</style>") + "</head><body>",
         "<h1>lds results</h1>",
         "<p><a href='metrics.md'>metrics.md</a> · <a href='metrics.csv'>metrics.csv</a> · <a href='metrics.json'>metrics.json</a></p>",
-        *(t.html() for t in tables(runs)),
+        *(t.html() for t in all_tables(runs)),
+        *(explorer_section(explorer) for explorer in explorers),
     ]
     for run in links:
         warn = " class='warn'" if "NOT pretrained" in run.caption else ""
@@ -148,5 +195,6 @@ def html_index(runs: list[dict[str, Any]], links: list[RunLinks]) -> str:
         if run.figures:
             items = " · ".join(f"<a href='{html.escape(path)}'>{html.escape(name)}</a>" for name, path in run.figures)
             parts.append(f"<p>Figures per image: {items}</p>")
+    parts.append(SORT_SCRIPT)
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -16,6 +16,7 @@ Every computed, reused or failed item is also recorded in a journal under ``<roo
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -37,6 +38,8 @@ ITEMS = "items"
 METADATA = "zarr.json"
 JOURNAL = ".journal"
 RUN_ENV = "LDS_RUN"  # names the run a journal record belongs to (the Snakefile sets it per workflow run)
+# a write that fails for these reasons fails for every item: a full disk or quota, a read-only or forbidden folder
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ArraySpec:
     dims: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
     chunks: tuple[int, ...] | None = None
+    compressors: tuple | None = None  # zarr bytes-to-bytes codecs before the checksum (default: zarr's zstd)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,10 @@ def array_checksum(data: np.ndarray) -> str:
 
 
 def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dict] | None = None) -> None:
-    """Write arrays into a zarr group; names may contain '/' to nest them in sub-groups."""
+    """Write arrays into a zarr group; names may contain '/' to nest them in sub-groups. Every chunk is
+    stored, even one of fill values, and ends with a crc32c that is checked when it is read."""
+    from pipeline.integrity import checksum_codecs
+
     for path, attrs in (group_attrs or {}).items():
         sub = group.require_group(path) if path else group
         sub.attrs.update(attrs)
@@ -79,6 +86,8 @@ def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dic
             dtype=data.dtype,
             chunks=spec.chunks or data.shape or None,
             dimension_names=list(spec.dims),
+            compressors=checksum_codecs(spec.compressors) if spec.compressors else checksum_codecs(),
+            config={"write_empty_chunks": True},  # every chunk present: a missing one is damage, not zeros
             overwrite=True,
         )
         if data.size:
@@ -98,6 +107,9 @@ class Store:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
+        from pipeline.integrity import check_chunks_on_read
+
+        check_chunks_on_read()
         text = os.path.expanduser(str(root))
         self.fs, self.base = fsspec.core.url_to_fs(text)
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -141,6 +153,19 @@ class Store:
                 "writable folder or URL"
             ) from None
 
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Turn a write that fails for every item (full disk, read-only folder) into one line."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in UNWRITABLE:
+                raise
+            raise LdsError(
+                f"store {self.root}: cannot write {what} ({error.strerror or error}); free space or make it writable, or "
+                "set LDS_CACHE or --store to another folder or URL, and re-run (items already written are kept)"
+            ) from None
+
     # -- reading -----------------------------------------------------------------------------------
     def open_group(self, fs_path: str, mode: str = "r"):
         """A zarr group at a path of this store's file system."""
@@ -168,9 +193,10 @@ class Store:
         """Write bytes under the root, whole or not at all (temporary name, then a move)."""
         final = self._join(relative)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        self.fs.makedirs(self.fs._parent(final), exist_ok=True)
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        with self.writing(relative):
+            self.fs.makedirs(self.fs._parent(final), exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
 
     def read_file(self, relative: str) -> bytes | None:
         """Bytes of a file under the root, or None when there is none."""
@@ -220,8 +246,9 @@ class Store:
                   "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields}
         name = f"{ref.stage}.{ref.key}.{item or '-'}.{event}.{uuid.uuid4().hex[:12]}.json"
         folder = self._join(JOURNAL, record["run"])
-        self.fs.makedirs(folder, exist_ok=True)
-        self.fs.pipe_file(f"{folder}/{name}", json.dumps(record).encode())
+        with self.writing(f"its journal ({JOURNAL}/{record['run']})"):
+            self.fs.makedirs(folder, exist_ok=True)
+            self.fs.pipe_file(f"{folder}/{name}", json.dumps(record).encode())
 
     def runs(self) -> list[str]:
         """Runs that have journal records, oldest first."""
@@ -260,7 +287,10 @@ class Store:
         return int(self.fs.du(self._fs_path(ref)))
 
     def verify(self, ref: ArtifactRef) -> list[str]:
-        """Problems found in a published artifact: missing marker or items, wrong shapes or checksums."""
+        """Problems found in a published artifact: missing marker or items, missing or damaged chunks
+        (their crc32c), wrong checksums of whole arrays."""
+        from pipeline.integrity import CorruptArtifact
+
         problems: list[str] = []
         try:
             attrs = self.attrs(ref)
@@ -268,6 +298,8 @@ class Store:
             return [f"unreadable metadata: {error}"]
         if attrs.get("complete") is not True:
             problems.append("not marked complete")
+        if attrs.get("released"):  # its arrays were deleted on purpose after use: nothing left to check
+            return problems
         group = self.open(ref)
         listed = attrs.get("items", [])
         present = set(group[ITEMS].group_keys()) if ITEMS in group else set()
@@ -275,7 +307,10 @@ class Store:
         for name, array in walk_arrays(group):
             try:
                 data = array[...]
-            except Exception as error:  # zarr raises many kinds on damaged chunks
+            except CorruptArtifact as error:
+                problems.append(f"{name}: chunk {error.chunk} {error.reason}")
+                continue
+            except Exception as error:  # zarr raises many kinds on damaged metadata
                 problems.append(f"{name}: unreadable ({type(error).__name__}: {error})")
                 continue
             expected = array.attrs.get("sha256")
@@ -309,6 +344,26 @@ class Store:
             self.fs.rm_file(f"{path}/{METADATA}")
         self.fs.rm(path, recursive=True)
 
+    def release(self, ref: ArtifactRef, why: str) -> int:
+        """Delete the arrays of a published artifact's items once they have been used, keeping its
+        metadata (attributes, inputs, items and their attributes), so later stages still find its lineage
+        and provenance. The root attribute ``released`` (when, why) is set first, so an interrupted
+        release never passes for a whole artifact; a stage asking for it makes it again. Returns the
+        bytes freed (0 when it was released already)."""
+        if "released" in self.attrs(ref):
+            return 0
+        before, path = self.size(ref), self._fs_path(ref)
+        metadata = json.loads(self.fs.cat_file(f"{path}/{METADATA}"))
+        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        metadata.setdefault("attributes", {})["released"] = {"time": when, "why": why}
+        self.write_file(f"{ref.stage}/{ref.key}.zarr/{METADATA}", json.dumps(metadata, indent=2).encode())
+        for item in self.fs.ls(f"{path}/{ITEMS}", detail=True):
+            if item["type"] == "directory":
+                for entry in self.fs.ls(item["name"], detail=False):
+                    if entry.rstrip("/").rsplit("/", 1)[-1] != METADATA:
+                        self.fs.rm(entry, recursive=True)
+        return before - self.size(ref)
+
 
 def walk_arrays(group, prefix: str = ""):
     for name, array in sorted(group.arrays()):
@@ -324,20 +379,21 @@ class ArtifactWriter:
         self.store, self.ref = store, ref
         self.partial = store._fs_path(ref) + ".partial"
         self.tmp_root = store._join(".tmp")
-        fs = store.fs
-        resuming = fs.isfile(f"{self.partial}/{METADATA}")
-        self.group = store.open_group(self.partial, mode="r+" if resuming else "w")
-        self.group.attrs.update(
-            {
-                **attrs,
-                "stage": ref.stage,
-                "key": ref.key,
-                "inputs": [i.as_dict() for i in inputs],
-                "lds_version": __version__,
-                "complete": False,
-            }
-        )
-        self.group.require_group(ITEMS)
+        self.what = f"{ref.stage}/{ref.key}"
+        resuming = store.fs.isfile(f"{self.partial}/{METADATA}")
+        with store.writing(self.what):
+            self.group = store.open_group(self.partial, mode="r+" if resuming else "w")
+            self.group.attrs.update(
+                {
+                    **attrs,
+                    "stage": ref.stage,
+                    "key": ref.key,
+                    "inputs": [i.as_dict() for i in inputs],
+                    "lds_version": __version__,
+                    "complete": False,
+                }
+            )
+            self.group.require_group(ITEMS)
 
     @property
     def done(self) -> set[str]:
@@ -355,24 +411,29 @@ class ArtifactWriter:
         """Write one item's arrays to a temporary folder, then move it into place whole.
 
         Returns False when the item was already there (written meanwhile by an interrupted attempt:
-        the first one is kept)."""
+        the first one is kept). A write that fails leaves no trace of the item."""
         if not ITEM_NAME.match(item):
             raise ValueError(f"item name {item!r} is not a safe file name")
         fs = self.store.fs
         tmp = f"{self.tmp_root}/{self.ref.key}-{item}-{uuid.uuid4().hex}"
-        group = self.store.open_group(tmp, mode="w")
-        group.attrs.update(attrs or {})
-        write_arrays(group, arrays, group_attrs)
         final = f"{self.partial}/{ITEMS}/{item}"
-        if fs.exists(final):
-            fs.rm(tmp, recursive=True)
-            return False
-        self.store.move_tree(tmp, final)
-        return True
+        try:
+            with self.store.writing(f"{self.what} item {item}"):
+                group = self.store.open_group(tmp, mode="w")
+                group.attrs.update(attrs or {})
+                write_arrays(group, arrays, group_attrs)
+                if fs.exists(final):
+                    return False
+                self.store.move_tree(tmp, final)
+                return True
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
 
     def write_root(self, arrays: dict[str, ArraySpec]) -> None:
         """Arrays that belong to the whole artifact rather than one item."""
-        write_arrays(self.group, arrays)
+        with self.store.writing(self.what):
+            write_arrays(self.group, arrays)
 
     def publish(self, items: list[str], attrs: dict[str, Any] | None = None) -> str:
         """Check every item is present, mark the artifact complete and move it into place."""
@@ -380,9 +441,12 @@ class ArtifactWriter:
         if missing:
             raise RuntimeError(f"cannot publish {self.ref.stage}/{self.ref.key}: items missing {missing}")
         created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.group.attrs.update({**(attrs or {}), "items": list(items), "created": created, "complete": True})
-        if self.store.exists(self.ref):  # another process published the same key first; same inputs, same result
-            self.store.fs.rm(self.partial, recursive=True)
-        else:
-            self.store.move_tree(self.partial, self.store._fs_path(self.ref))
+        with self.store.writing(self.what):
+            self.group.attrs.update({**(attrs or {}), "items": list(items), "created": created, "complete": True})
+            if self.store.exists(self.ref) and "released" not in self.store.attrs(self.ref):
+                self.store.fs.rm(self.partial, recursive=True)  # another process published the same key first: same result
+            else:
+                if self.store.exists(self.ref):  # made again after its arrays were released: this one replaces it
+                    self.store.remove(self.ref)
+                self.store.move_tree(self.partial, self.store._fs_path(self.ref))
         return self.store.path(self.ref)

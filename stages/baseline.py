@@ -10,9 +10,12 @@ import click
 from pipeline.baselines import (
     AFFINITIES, DEFAULT_EIGENVECTORS, DEFAULT_MASKS, DEFAULT_TAU, METHODS, BaselineParams, degenerate_warning,
 )
+from pipeline.consumers import BASELINE_ARRAYS
 from pipeline.solver_params import GraphOptions
 from pipeline.store import ArraySpec, Store
-from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option
+from stages.common import (
+    check_extract_arrays, input_option, manifest_option, provenance, read_manifest, run_stage, store_option,
+)
 
 
 @click.command()
@@ -38,7 +41,8 @@ def baseline(input_manifest, method, affinity, layer, eigenvectors, masks, tau, 
     )
     params = {"layer": layer, **asdict(settings)}
     store = Store(store_root)
-    source = read_manifest(input_manifest)
+    source = read_manifest(input_manifest, "extract")
+    check_extract_arrays(store, source, BASELINE_ARRAYS[affinity], f"lds baseline --affinity {affinity}")
     images = store.open(source)["items"]
 
     def compute(item: str):

@@ -9,7 +9,7 @@ import click
 
 from pipeline.errors import LdsError
 from pipeline.store import ArtifactRef, Store, walk_arrays
-from stages.common import read_manifest, store_option
+from stages.common import find_manifests, read_manifest, stale_manifests, store_option, write_json_atomic
 from stages.baseline import baseline
 from stages.bench import bench
 from stages.cluster import cluster
@@ -84,11 +84,11 @@ def inspect(target, store_root):
 def layer_summary(layer_group) -> str:
     """'resolution=28x28 heads=6 head_dim=64 scale=0.125 shape=(6, 28, 28, 64) dims=(head,y,x,dim) ...'."""
     attrs = dict(layer_group.attrs)
-    q = layer_group["q"]
+    first = next(array for _, array in sorted(layer_group.arrays()))  # q, k and v (those stored) alike
     text = (
         f"resolution={'x'.join(map(str, attrs.pop('resolution', [])))} heads={attrs.pop('heads', '?')} "
         f"head_dim={attrs.pop('head_dim', '?')} scale={attrs.pop('scale', float('nan')):.4g} "
-        f"shape={q.shape} dims=({','.join(q.metadata.dimension_names or ())})"
+        f"shape={first.shape} dims=({','.join(first.metadata.dimension_names or ())})"
     )
     return text + "".join(f" {key}={value}" for key, value in sorted(attrs.items()))
 
@@ -139,18 +139,31 @@ def cache_show(target, store_root):
 
 @cache.command("verify")
 @click.argument("targets", nargs=-1)
+@click.option("--repair", is_flag=True, help="Remove every bad artifact, then the manifests under --results that name it, an artifact made from it or one already gone: the next run makes exactly those again.")
+@click.option("--results", "results_folders", multiple=True, type=click.Path(path_type=Path), default=("results",), show_default=True, help="Folder searched for manifests (or a manifest) by --repair; repeat for several.")
 @store_option
-def cache_verify(targets, store_root):
-    """Check complete markers, items and array checksums (all artifacts unless TARGETS are given)."""
+def cache_verify(targets, repair, results_folders, store_root):
+    """Check complete markers, items and every chunk's checksum (all artifacts unless TARGETS are given)."""
     store = Store(store_root)
     refs = [resolve_ref(store, t) for t in targets] or store.artifacts()
-    bad = 0
+    bad = []
     for ref in refs:
         problems = store.verify(ref)
-        bad += bool(problems)
+        bad += [ref] if problems else []
         click.echo(f"{'BAD' if problems else 'ok '} {ref.stage}/{ref.key}" + "".join(f"\n    {p}" for p in problems))
-    if bad:
-        raise LdsError(f"{bad} of {len(refs)} artifacts failed verification; remove them with `lds cache gc` or by hand and re-run")
+    if not repair:
+        if bad:
+            raise LdsError(f"{len(bad)} of {len(refs)} artifacts failed verification; `lds cache verify --repair` removes them and "
+                           "the manifests naming them, and the next run makes them again")
+        return
+    stale = stale_manifests(store, find_manifests(results_folders), set(bad))
+    for ref in bad:  # the artifacts first: a manifest left by an interruption names a missing artifact, which reruns its rule
+        store.remove(ref)
+        click.echo(f"removed {ref.stage}/{ref.key}")
+    for path in stale:
+        path.unlink()
+        click.echo(f"removed {path}")
+    click.echo(f"{len(bad)} artifacts and {len(stale)} manifests removed; the next run (`snakemake --cores N`) makes them again")
 
 
 @cache.command("gc")
@@ -160,13 +173,7 @@ def cache_verify(targets, store_root):
 def cache_gc(manifests, dry_run, store_root):
     """Remove artifacts not reachable from MANIFESTS (JSON files, or folders searched for them)."""
     store = Store(store_root)
-    files = [p for m in manifests for p in (sorted(m.rglob("*.json")) if m.is_dir() else [m])]
-    roots = []
-    for path in files:
-        try:
-            roots.append(read_manifest(path))
-        except LdsError:
-            continue  # metrics and other JSON files that are not manifests
+    roots = list(find_manifests(manifests).values())
     if not roots:
         raise LdsError("no manifests given or found: refusing to remove every artifact")
     keep = store.reachable(roots)
@@ -176,6 +183,32 @@ def cache_gc(manifests, dry_run, store_root):
         if not dry_run:
             store.remove(ref)
     click.echo(f"{len(keep)} kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
+
+
+@cache.command("release")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--after", "readers", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest of a stage that reads the artifact (repeat for each); all must be published, made from it.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write what was released here as JSON (the workflow's marker).")
+@store_option
+def cache_release(manifest, readers, record, store_root):
+    """Delete the arrays of the artifact MANIFEST names (an extract's attention: extract.keep until-consumed)
+    once every stage that reads it has published, keeping its metadata for the stages after them; a stage
+    that asks for it again makes it again."""
+    store = Store(store_root)
+    ref = read_manifest(manifest)
+    if not store.exists(ref):
+        raise LdsError(f"artifact {ref.stage}/{ref.key} named by {manifest} is not in store {store.root}")
+    after = [read_manifest(path) for path in readers]
+    waiting = [f"{r.stage}/{r.key}" for r in after if not store.exists(r) or ref not in store.reachable([r])]
+    if waiting:
+        raise LdsError(f"not releasing {ref.stage}/{ref.key}: {', '.join(waiting)} not published or not made from it")
+    items = store.attrs(ref).get("items", [])
+    freed = store.release(ref, "used by " + (", ".join(f"{r.stage}/{r.key}" for r in after) or "nothing named"))
+    if freed:
+        store.record("released", ref, bytes=freed, items=len(items))
+    click.echo(f"released {ref.stage}/{ref.key}: {freed / 1e6:.1f} MB freed", err=True)
+    if record is not None:
+        write_json_atomic(record, {"released": ref.as_dict(), "bytes": freed, "after": [r.as_dict() for r in after]})
 
 
 @cache.command("prune-journal")

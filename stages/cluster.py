@@ -55,7 +55,7 @@ def cluster(input_manifests, clusters, components, iterations, seed, dask_schedu
     from pipeline.decode import upsample_labels
 
     store = Store(store_root)
-    sources = [read_manifest(path) for path in input_manifests]
+    sources = [read_manifest(path, "solve") for path in input_manifests]
     dataset_level = dataset_level_inputs(sources)
     shards = [(store.open(ref)["items"], store.open(upstream(store, ref, "preprocess"))["items"], store.attrs(ref)["items"]) for ref in sources]
     everything = [(solved, images, item) for solved, images, items in shards for item in items]

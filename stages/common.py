@@ -12,13 +12,15 @@ from typing import Any, Callable, Iterable
 
 import click
 
+from pipeline.consumers import ARRAYS, check_stored
 from pipeline.errors import ItemError, LdsError, one_line
+from pipeline.failures import DEFAULT_MAX_FAILED, MAX_FAILED_ENV, allowed_failures, parse_max_failed
 from pipeline.hashing import artifact_key
 from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 
 # Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 2, "extract": 2, "solve": 4, "solve-dataset": 2, "decode": 3, "cluster": 3, "evaluate": 3, "baseline": 3, "zeroshot": 1}
+STAGE_VERSIONS = {"preprocess": 3, "extract": 4, "solve": 6, "solve-dataset": 3, "decode": 4, "cluster": 4, "evaluate": 6, "baseline": 4, "zeroshot": 2}
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 
@@ -56,15 +58,39 @@ input_option = click.option(
 )
 
 
-def read_manifest(path: Path) -> ArtifactRef:
-    """The artifact a manifest names."""
+def read_manifest(path: Path, stage: str | None = None) -> ArtifactRef:
+    """The artifact a manifest names; with ``stage``, it must be made by that stage or one standing in for it."""
     try:
         record = json.loads(Path(path).read_text())
-        return ArtifactRef(record["stage"], record["key"])
+        ref = ArtifactRef(record["stage"], record["key"])
     except FileNotFoundError:
         raise LdsError(f"manifest {path} does not exist; run the stage that writes it first") from None
     except (ValueError, KeyError, TypeError) as error:
         raise LdsError(f"manifest {path} is not an lds manifest ({error})") from None
+    if stage and stage not in (ref.stage, STANDS_IN_FOR.get(ref.stage)):
+        context = click.get_current_context(silent=True)
+        reader = f"lds {context.info_name}" if context else "this stage"
+        raise LdsError(f"manifest {path} is from lds {ref.stage}, but {reader} reads one from lds {stage}; pass the manifest lds {stage} wrote")
+    return ref
+
+
+def find_manifests(paths: Iterable[Path]) -> dict[Path, ArtifactRef]:
+    """The manifests among these JSON files and the JSON files under these folders (others are skipped)."""
+    found = {}
+    for path in paths:
+        for file in sorted(path.rglob("*.json")) if path.is_dir() else [path]:
+            try:
+                found[file] = read_manifest(file)
+            except LdsError:
+                continue  # metrics and other JSON files that are not manifests
+    return found
+
+
+def stale_manifests(store: Store, manifests: dict[Path, ArtifactRef], removed: Iterable[ArtifactRef] = ()) -> list[Path]:
+    """The manifests naming an artifact that is not in the store, or (called before their removal) one of
+    ``removed`` or an artifact made from one of them, through its inputs."""
+    doomed = set(removed)
+    return [path for path, ref in manifests.items() if not store.exists(ref) or (doomed and store.reachable([ref]) & doomed)]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -107,6 +133,11 @@ def upstream(store: Store, ref: ArtifactRef, stage: str) -> ArtifactRef:
     return current
 
 
+def check_extract_arrays(store: Store, ref: ArtifactRef, needed: tuple[str, ...], reader: str) -> None:
+    """Stop with one line when the extract artifact ``ref`` did not store an array (q, k, v) ``reader`` needs."""
+    check_stored(store.attrs(ref)["params"].get("arrays", ARRAYS), needed, reader, f"extract/{ref.key}")
+
+
 def provenance(store: Store, ref: ArtifactRef) -> dict[str, Any]:
     """What an artifact says about the model it came from (carried into every later stage)."""
     return {k: v for k, v in store.attrs(ref).items() if k in PROVENANCE_KEYS}
@@ -134,23 +165,43 @@ def run_stage(
     """Find the artifact for these inputs and parameters, or make it, resuming an interrupted run.
 
     ``compute_item(item)`` returns (arrays, item attributes, sub-group attributes). ``finish(writer)``
-    may add whole-artifact arrays and returns extra root attributes. ``attrs`` may be a callable so
-    that its cost (loading a model, say) is paid only when there is work to do. An item that raises
+    may add whole-artifact arrays and returns extra root attributes (``failed``: images its inputs left
+    out). ``attrs`` may be a callable so that its cost (loading a model, say) is paid only when there is
+    work to do. An item that raises
     (an ItemError, or any unexpected exception) is recorded as failed with its reason and the others go
-    on, while an LdsError about the input or environment stops the stage at once; the stage then stops without
-    publishing, and the next run computes only the failed (and never attempted) items.
+    on, while an LdsError about the input or environment stops the stage at once. Up to ``max_failed``
+    failed items ($LDS_MAX_FAILED, see pipeline.failures) the artifact is published without them, listed
+    in its ``failed`` attribute, and later stages skip them; above it the stage stops without publishing,
+    and the next run computes only the failed (and never attempted) items.
     """
     ref = ArtifactRef(stage, artifact_key(stage, STAGE_VERSIONS[stage], params, input_keys))
-    if not store.exists(ref):
+    if not reusable(store, ref):
         with store.lock(ref):
-            if not store.exists(ref):  # another process may have finished it while we waited
+            if not reusable(store, ref):  # another process may have finished it while we waited
                 make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish)
-                write_manifest(manifest, store, ref, params, items)
+                write_manifest(manifest, store, ref, params, store.attrs(ref)["items"])
                 return ref
     log(f"{stage}: cached {store.path(ref)}")
-    store.record("reused", ref, items=len(items))
-    write_manifest(manifest, store, ref, params, items)
+    made = store.attrs(ref)
+    store.record("reused", ref, items=len(made["items"]), failed=made.get("failed", {}))
+    write_manifest(manifest, store, ref, params, made["items"])
     return ref
+
+
+def reusable(store: Store, ref: ArtifactRef) -> bool:
+    """Published with its arrays: an artifact whose arrays were released after use (extract.keep:
+    until-consumed) is made again when a stage asks for it."""
+    return store.exists(ref) and "released" not in store.attrs(ref)
+
+
+def require_arrays(store: Store, ref: ArtifactRef) -> None:
+    """Stop with one line when an input artifact's arrays were released after use."""
+    released = store.attrs(ref).get("released")
+    if released:
+        raise LdsError(
+            f"the arrays of {ref.stage}/{ref.key} were deleted after use ({released['why']}); re-run its stage "
+            f"(`lds {ref.stage}` with the same options, or Snakemake, which does) to make them again"
+        )
 
 
 def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish) -> None:
@@ -158,6 +209,9 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
     from tqdm import tqdm
 
     started = time.perf_counter()
+    for source in inputs:
+        require_arrays(store, source)
+    limit = parse_max_failed(os.environ.get(MAX_FAILED_ENV, DEFAULT_MAX_FAILED))
     root_attrs = {"params": params, **(attrs() if callable(attrs) else attrs)}
     writer = store.writer(ref, root_attrs, inputs)
     done = writer.done & set(items)
@@ -184,14 +238,19 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
             continue
         if written:
             store.record("computed", ref, item, seconds=round(time.perf_counter() - item_started, 3))
-    if failed:
+    allowed = allowed_failures(limit, len(items))
+    if len(failed) > allowed:
         names = ", ".join(list(failed)[:5]) + (" ..." if len(failed) > 5 else "")
         raise LdsError(
-            f"{ref.stage}: {len(failed)} of {len(items)} items failed ({names}); the {len(items) - len(failed)} others are "
-            "kept and a re-run retries only the failed ones (reasons: `lds summary`)"
+            f"{ref.stage}: {len(failed)} of {len(items)} items failed ({names}), more than max_failed allows ({allowed}); the "
+            f"{len(items) - len(failed)} others are kept and a re-run retries only the failed ones (reasons: `lds summary`)"
         )
-    extra = finish(writer) if finish else None
-    path = writer.publish(items, extra)
+    kept = [item for item in items if item not in failed]
+    extra = (finish(writer) if finish else None) or {}
+    left = {**extra.pop("failed", {}), **failed}  # finish may name images left out earlier (evaluate: its inputs')
+    path = writer.publish(kept, {**extra, **({"failed": left} if left else {})})
     seconds = time.perf_counter() - started
-    store.record("published", ref, items=len(items), computed=len(todo), seconds=round(seconds, 3))
-    log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s)")
+    store.record("published", ref, items=len(kept), computed=len(todo) - len(failed), seconds=round(seconds, 3),
+                 failed=left, bytes=store.size(ref))
+    left_out = f"; {len(failed)} failed items left out (max_failed allows {allowed}): {', '.join(failed)}" if failed else ""
+    log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s{left_out})")

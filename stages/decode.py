@@ -50,7 +50,7 @@ def decode(input_manifest, clusters, seed, instances, extended, coco_results, fi
     if coco_results is not None and not instances:
         raise click.UsageError("--coco-results needs --instances")
     store = Store(store_root)
-    source = read_manifest(input_manifest)
+    source = read_manifest(input_manifest, "solve")
     solved = store.open(source)["items"]
     images = store.open(upstream(store, source, "preprocess"))["items"]
     proposal_params = ProposalParams(seed=seed, extended=extended)

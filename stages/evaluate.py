@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.failures import coverage, failed_lineage
 from pipeline.store import ArraySpec, Store
 from stages.common import (
     dask_scheduler_option, log, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
-    write_json_atomic,
+    write_json_atomic, write_text_atomic,
 )
 from pipeline.instances import pixel_masks
 from stages.decode import model_caption
@@ -28,21 +29,48 @@ def named(values: list[float | None], classes: list[str] | None) -> dict[str, fl
     return {(classes[i] if classes and i < len(classes) else str(i)): v for i, v in enumerate(values)}
 
 
+def graph_kind(params: dict, stage: str) -> dict[str, str]:
+    """The graph kind a run solved on, as metrics.json records it (lds report keys its rows by it):
+    lds solve's kq or vv, lds solve-dataset's qk or vv; nothing for a baseline."""
+    kind = {"solve": params.get("graphs", {}).get("kind"), "solve-dataset": params.get("graph")}.get(stage)
+    return {"graph": kind} if kind else {}
+
+
+def layer_profile(shards: list) -> dict[str, list]:
+    """The agreement of each (layer, head) with the joint eigenvectors and each layer's own X-Y R²,
+    averaged over the images, from what lds solve stored per image; empty lists for other runs
+    (baselines, the dataset-level solver)."""
+    from pipeline.layers import agreement, mean_over_images
+
+    agreements, positions = [], []
+    for _, solved, _, items in shards:
+        for item in items:
+            group = solved[item]
+            if "layer_xy_r2" not in group:
+                return {"agreement": [], "xy_r2": []}
+            agreements.append(agreement(group.attrs["graphs"], group["eigenvalues"][...]))
+            positions.append(dict(zip(group.attrs["layers"], group["layer_xy_r2"][...].tolist())))
+    return {"agreement": [[layer, head, value] for (layer, head), value in mean_over_images(agreements).items()],
+            "xy_r2": [[layer, value] for layer, value in mean_over_images(positions).items()]}
+
+
 @click.command()
 @click.option("--input", "input_manifests", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path), help="Decode manifests (one per shard).")
 @click.option("--semantic", "semantic_manifest", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Manifest of `lds cluster` (dataset-level clusters) to score as the semantic segmentation.")
 @click.option("--zeroshot", "zeroshot_manifests", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifests of `lds zeroshot` (one per shard) to score as named classes, without matching.")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the metrics as JSON here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write contact-sheet.png here.")
+@click.option("--layers-csv", "layers_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the per-layer agreement (diag(Zᵀ A Z) per layer and head) and single-layer X-Y R² as CSV here (runs of lds solve).")
 @dask_scheduler_option
 @store_option
 @manifest_option
-def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_path, figures, dask_scheduler, store_root, manifest):
+def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_path, figures, layers_path, dask_scheduler, store_root, manifest):
     """X-Y regression of X_ortho; where labels exist, oracle, per-image matched and dataset-level
     semantic mIoU; where objects exist, class-agnostic COCO AP of the proposals mapped back to the
     original images against the dataset's own annotations (read afresh from the dataset files). Each
     image is scored by a dask task reading the store lazily, and the results are summed by a dask
-    reduction."""
+    reduction. Runs of lds solve also get each layer and head's agreement with the joint eigenvectors
+    and each layer's own X-Y R², averaged over the images."""
     from pipeline.dask_compute import dask_scheduler as scheduler, tree_reduce
     from pipeline.evaluation import (
         DatasetUnreachable, dataset_records, image_totals, instance_protocol, merge_totals, original_detections,
@@ -52,8 +80,8 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
     from pipeline.preprocess import Geometry
 
     store = Store(store_root)
-    sources = [read_manifest(path) for path in input_manifests]
-    semantic_ref = read_manifest(semantic_manifest) if semantic_manifest else None
+    sources = [read_manifest(path, "decode") for path in input_manifests]
+    semantic_ref = read_manifest(semantic_manifest, "cluster") if semantic_manifest else None
     semantic = store.open(semantic_ref)["items"] if semantic_ref else None
     # clusters of per-image solves are not the paper's semantic segmentation: their own name (lds cluster)
     prefix = "semantic" if semantic_ref is None or store.attrs(semantic_ref).get("basis") == "dataset" else "crossimage_kmeans"
@@ -64,8 +92,11 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
     ]
     classes = store.attrs(upstream(store, sources[0], "preprocess")).get("classes")
     specs = [store.attrs(upstream(store, ref, "preprocess")).get("dataset") for ref in sources]
-    zeroshot_refs = [read_manifest(path) for path in zeroshot_manifests]
+    zeroshot_refs = [read_manifest(path, "zeroshot") for path in zeroshot_manifests]
     inputs = sources + ([semantic_ref] if semantic_ref else []) + zeroshot_refs
+    # images a stage left out (max_failed): not scored, but counted and named in the metrics
+    failed = failed_lineage([{"stage": ref.stage, "failed": store.attrs(ref).get("failed", {})} for ref in store.reachable(inputs)])
+    shards = [(decoded, solved, images, [item for item in items if item not in failed]) for decoded, solved, images, items in shards]
     results: dict = {}
 
     def has_objects(decoded, images, item: str) -> bool:
@@ -121,7 +152,8 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
                 tasks.append(image_task(decoded, solved, images, item, record, record.image_id if record else count))
                 count += 1
         totals = tree_reduce(tasks, merge_totals).compute()
-        xy, per_image, oracle, dataset = totals.xy, totals.matched_miou, totals.oracle, totals.semantic
+        xy, oracle, dataset = totals.xy, totals.oracle, totals.semantic
+        per_image = [value for value in totals.matched_miou if value is not None]
         truth_images, truth_objects, detections = totals.truth_images, totals.truth_objects, totals.detections
         arrays = {
             "xy_r2": ArraySpec(np.array([v["r2"] for v in xy]), ("image",), {"description": "X-Y regression R² per image"}),
@@ -129,6 +161,9 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
         }
         results.update({
             "images": len(xy),
+            "images_failed": len(failed),
+            "failed_images": failed,
+            "coverage": coverage(len(xy), len(failed)),
             "xy_regression_r2": float(np.mean([v["r2"] for v in xy])),
             "xy_regression_error": float(np.mean([v["error"] for v in xy])),
         })
@@ -141,7 +176,8 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
                 "oracle_iou_per_class": named(scores["iou_per_class"], classes),
             })
             arrays["oracle_confusion"] = ArraySpec(oracle, ("truth", "prediction"), {"description": "confusion of oracle-decoded regions over the dataset"})
-            arrays["matched_miou"] = ArraySpec(np.array(per_image), ("image",), {"description": "mIoU per image after Hungarian matching of its own regions"})
+            matched = [np.nan if value is None else value for value in totals.matched_miou]
+            arrays["matched_miou"] = ArraySpec(np.array(matched), ("image",), {"description": "mIoU per image after Hungarian matching of its own regions (NaN: no labels)"})
         if dataset.size:
             scores = matched_scores(dataset)
             results.update({
@@ -169,19 +205,30 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
             })
             arrays["zeroshot_confusion"] = ArraySpec(zeroshot, ("truth", "prediction"), {"description": "confusion of CLIP zero-shot labels over the dataset (last column: names the dataset lacks)"})
         writer.write_root(arrays)
-        return {"metrics": results}
+        names = [item for _, _, _, items in shards for item in items]  # the order of the (image,) arrays
+        return {"metrics": results, "image_names": names, "layers": layer_profile(shards), "failed": failed}
 
     model_attrs = provenance(store, sources[0])
     solved_ref = upstream(store, sources[0], "solve")
     # a baseline's run says which (lds report labels its row "model (MaskCut)")
     baseline = {"baseline": store.attrs(solved_ref)["params"]["method"]} if solved_ref.stage == "baseline" else {}
+    graph = graph_kind(store.attrs(solved_ref)["params"], solved_ref.stage)
     with scheduler(dask_scheduler):
         ref = run_stage(store, "evaluate", {"xy_grid": XY_GRID, "instances_at": instances_at}, [s.key for s in inputs], inputs, [], lambda item: None, model_attrs, manifest, finish)
     metrics = store.attrs(ref)["metrics"]
+    log(f"evaluate: {metrics['coverage']}")
     if metrics_path is not None:
         dataset_spec = store.attrs(upstream(store, sources[0], "preprocess")).get("dataset")
-        write_json_atomic(metrics_path, {**model_attrs, **baseline, **metrics, "dataset_spec": dataset_spec, "artifact": store.path(ref)})
+        write_json_atomic(metrics_path, {**model_attrs, **baseline, **graph, **metrics, "dataset_spec": dataset_spec, "artifact": store.path(ref)})
         click.echo(f"metrics: {metrics_path}", err=True)
+    profile = store.attrs(ref)["layers"]
+    if layers_path is not None and profile["agreement"]:
+        from pipeline.layers import layers_csv
+
+        write_text_atomic(layers_path, layers_csv(graph.get("graph", ""), profile))
+        click.echo(f"per-layer agreement: {layers_path}", err=True)
+    elif layers_path is not None:
+        layers_path.unlink(missing_ok=True)  # none for this run: an older run's file must not stand for it
     if figures is not None:
         from pipeline.figures import ImageView, save_contact_sheet
 

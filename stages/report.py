@@ -1,5 +1,5 @@
-"""`lds report`: the metrics of every dataset x model in one JSON, CSV and markdown table, and an HTML
-index page linking every figure."""
+"""`lds report`: the metrics of every dataset x model (x graph kind) in one JSON, CSV and markdown table,
+and an HTML index page linking every figure and the results explorer."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from stages.decode import model_caption
 
 
 def read_run(path: Path) -> dict:
-    """A run's metrics.json, <results>/<dataset>/<model folder>/metrics.json: the dataset named by its folder,
+    """A run's metrics.json, <results>/<dataset>/<run folder>/metrics.json: the dataset named by its folder,
     the model by the name it records (a folder spells a hub name's "/" as "--"; a baseline's run, in
-    <model folder>+<method>, records its method as ``baseline``)."""
+    <model folder>+<method>, records its method as ``baseline``; a run on value graphs, in <model folder>@vv,
+    records ``graph``)."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -29,8 +30,11 @@ def read_run(path: Path) -> dict:
 @click.argument("metrics_files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Results folder: read <dataset>/<model>/metrics.json here (unless files are given) and write the report here.")
 def report(metrics_files, results_dir):
-    """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics."""
+    """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics, and the
+    explorer: per dataset x model a page per image under RESULTS/explorer/ (from the store the runs'
+    evaluate artifacts are in) and the per-layer agreement figure."""
     from pipeline.report import RunLinks, csv_report, html_index, markdown_report, run_name
+    from stages.explorer import build_explorers
 
     files = sorted(metrics_files) or sorted(results_dir.glob("*/*/metrics.json"))
     if not files:
@@ -55,5 +59,6 @@ def report(metrics_files, results_dir):
     write_json_atomic(results_dir / "metrics.json", {"runs": runs})
     write_text_atomic(results_dir / "metrics.csv", csv_report(runs))
     write_text_atomic(results_dir / "metrics.md", markdown_report(runs))
-    write_text_atomic(results_dir / "index.html", html_index(runs, links))
+    explorers = build_explorers(results_dir, list(zip(files, runs)), relative)
+    write_text_atomic(results_dir / "index.html", html_index(runs, links, explorers))
     click.echo(f"report: {results_dir / 'index.html'} ({len(runs)} runs)", err=True)

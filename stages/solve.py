@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
+import numpy as np
 
 from pipeline.solver_params import (
     DEVICES, GRAPH_KINDS, INITS, PARAMETERISATIONS, SOLVERS, STABLE_DIFFUSION_PASSES, VARIANTS, GraphOptions,
     SolverParams, resolve_accumulate,
 )
+from pipeline.consumers import ARRAYS, GRAPH_ARRAYS
 from pipeline.store import ArraySpec, Store
-from stages.common import input_option, log, manifest_option, provenance, read_manifest, run_stage, store_option
+from stages.common import (
+    check_extract_arrays, input_option, log, manifest_option, provenance, read_manifest, run_stage, store_option,
+)
 
 DEFAULTS = SolverParams()
 
@@ -22,18 +26,18 @@ def read_layer_sets(item_group) -> list:
     ViTs store (head, y, x, dim) arrays: one set. Stable Diffusion stores (timestep, head, y, x, dim):
     one set per timestep, its layers named ``<layer>@t<timestep>``.
     """
-    from pipeline.extract import LayerAttention
+    from pipeline.extract import LayerAttention, stored_array
     from pipeline.graphs import timestep_name
 
     groups = sorted(item_group["layers"].groups())
-    arrays = {name: tuple(group[part][...] for part in ("q", "k", "v")) for name, group in groups}
+    arrays = {name: tuple(stored_array(group, part) if part in group else None for part in ARRAYS) for name, group in groups}
     scales = {name: group.attrs["scale"] for name, group in groups}
-    first = next(iter(arrays.values()))[0]
-    if first.ndim == 4:
-        return [[LayerAttention(name, q, k, v, scales[name]) for name, (q, k, v) in arrays.items()]]
+    first = LayerAttention("", *next(iter(arrays.values())), 1.0)
+    if len(first.shape) == 4:
+        return [[LayerAttention(name, *qkv, scales[name]) for name, qkv in arrays.items()]]
     timesteps = groups[0][1].attrs.get("timesteps", list(range(first.shape[0])))
     return [
-        [LayerAttention(timestep_name(name, t), q[i], k[i], v[i], scales[name]) for name, (q, k, v) in arrays.items()]
+        [LayerAttention(timestep_name(name, t), *(None if a is None else a[i] for a in qkv), scales[name]) for name, qkv in arrays.items()]
         for i, t in enumerate(timesteps)
     ]
 
@@ -79,7 +83,8 @@ class PassCount(click.ParamType):
 @manifest_option
 def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps, lr, weight_eig, weight_ortho,
           parameterisation, init, accumulate, buffer, refresh, seed, device, progress, store_root, manifest):
-    """Solve for X on the attention graphs of every selected head of every layer, per image."""
+    """Solve for X on the attention graphs of every selected head of every layer, per image; also the X-Y
+    regression R² of each layer's own top eigenvectors (which layers carry position)."""
     if init == "exact" and parameterisation != "free":
         raise click.UsageError("--init exact warm-starts free features only; use --parameterisation free")
     if heads and not all(h.isdigit() for h in _csv(heads)):
@@ -88,7 +93,8 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
 
     on = resolve_device(device)
     store = Store(store_root)
-    source = read_manifest(input_manifest)
+    source = read_manifest(input_manifest, "extract")
+    check_extract_arrays(store, source, GRAPH_ARRAYS[kind], f"lds solve --graph {kind}")
     images = store.open(source)["items"]
     attention_sets = store.attrs(source)["params"].get("timesteps") or 1  # Stable Diffusion: the pool of timesteps
     options = GraphOptions(kind, variant, _csv(layers), tuple(int(h) for h in _csv(heads)))
@@ -105,6 +111,7 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
                 f"--buffer {buffer}, so once all are buffered no pass sees a new one; extract with more --timesteps")
 
     def compute(item: str):
+        from pipeline.layers import layer_xy_r2
         from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
 
         layer_sets = read_layer_sets(images[item])
@@ -124,7 +131,10 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
             "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z (target 0)"}),
             "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step (empty for exact)"}),
         }
-        return arrays, {"graphs": result.graph_names, "device": on, "attention_sets": len(layer_sets)}, {}
+        # each layer's own spectral embedding (its first attention set): which layers carry position
+        position = layer_xy_r2(layer_sets[0], options, channels, on)
+        arrays["layer_xy_r2"] = ArraySpec(np.array(list(position.values())), ("layer",), {"description": "X-Y regression R² of each layer's own top eigenvectors"})
+        return arrays, {"graphs": result.graph_names, "layers": list(position), "device": on, "attention_sets": len(layer_sets)}, {}
 
     run_stage(
         store,

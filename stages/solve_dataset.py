@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.consumers import GRAPH_ARRAYS
 from pipeline.errors import LdsError
 from pipeline.hashing import artifact_key
 from pipeline.store import ArraySpec, ArtifactRef, Store
-from stages.common import STAGE_VERSIONS, log, provenance, read_manifest, run_stage, store_option
+from stages.common import STAGE_VERSIONS, check_extract_arrays, log, provenance, read_manifest, run_stage, store_option
 
 STAGE = "solve-dataset"
 
@@ -36,6 +37,7 @@ def read_operands(image, layers: list[str], graph: str, resolution: int, item: s
     """The graph operands (heads concatenated) of one image's chosen layers, from `lds extract` arrays.
     Where several timesteps are stored (Stable Diffusion), ``pick`` draws one, the same for every layer."""
     from pipeline.dataset_solver import concat_heads, operand_names
+    from pipeline.extract import stored_array
 
     stored = image["layers"]
     missing = [name for name in layers if name not in stored]
@@ -46,7 +48,7 @@ def read_operands(image, layers: list[str], graph: str, resolution: int, item: s
     timestep = int(pick.integers(first.shape[0])) if first.ndim == 5 else ...
 
     def read(name: str, array: str) -> np.ndarray:
-        return concat_heads(stored[name][array][timestep])
+        return concat_heads(stored_array(stored[name], array, timestep))
 
     operands = {}
     for name in layers:
@@ -119,12 +121,11 @@ def solve_dataset(input_manifests, graph, channels, resolution, batch_size, iter
     from pipeline.solver import resolve_device
 
     store = Store(store_root)
-    sources = [read_manifest(path) for path in input_manifests]
+    sources = [read_manifest(path, "extract") for path in input_manifests]
     if manifests and len(manifests) != len(sources):
         raise LdsError(f"give one --manifest per --input ({len(sources)} inputs, {len(manifests)} manifests)")
-    wrong = [f"{s.stage}/{s.key}" for s in sources if s.stage != "extract"]
-    if wrong:
-        raise LdsError(f"solve-dataset reads extract artifacts, not {wrong[0]}; pass the extract manifests")
+    for source in sources:
+        check_extract_arrays(store, source, GRAPH_ARRAYS[graph], f"lds solve-dataset --graph {graph}")
     groups = [store.open(source)["items"] for source in sources]
     shard_items = [list(store.attrs(source)["items"]) for source in sources]
     items = [item for shard in shard_items for item in shard]

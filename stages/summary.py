@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import LdsError
-from pipeline.store import Store
+from pipeline.store import ArtifactRef, Store
 from pipeline.summary import summarise, summary_markdown
 from stages.common import store_option, write_json_atomic, write_text_atomic
 
@@ -19,7 +19,7 @@ from stages.common import store_option, write_json_atomic, write_text_atomic
 @store_option
 def summary(run, all_runs, output, store_root):
     """Per stage: items computed, reused from the cache, resumed from an interrupted run, failed (with
-    reasons), and seconds per computed item."""
+    reasons), seconds per computed item, and the bytes its artifacts hold in the store."""
     store = Store(store_root)
     runs = store.runs()
     if not runs:
@@ -29,9 +29,19 @@ def summary(run, all_runs, output, store_root):
                    f"latest runs: {', '.join(runs[-3:])}")
         return
     name = "all runs" if all_runs else run or runs[-1]
-    result = summarise(store.records(None if all_runs else name))
+    records = store.records(None if all_runs else name)
+    result = summarise(records, artifact_sizes(store, records))
     text = summary_markdown(result, name)
     click.echo(text, nl=False)
     if output is not None:
         write_text_atomic(output, text)
         write_json_atomic(output.with_suffix(".json"), {"run": name, **result})
+
+
+def artifact_sizes(store: Store, records: list[dict]) -> dict[tuple[str, str], dict]:
+    """(stage, key) -> bytes now in the store and items, of every artifact the records name that is still there."""
+    sizes = {}
+    for ref in sorted({ArtifactRef(r["stage"], r["key"]) for r in records}, key=lambda ref: (ref.stage, ref.key)):
+        if store.exists(ref):
+            sizes[(ref.stage, ref.key)] = {"bytes": store.size(ref), "items": store.attrs(ref).get("items", [])}
+    return sizes

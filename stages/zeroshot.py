@@ -10,18 +10,22 @@ import click
 import numpy as np
 
 from pipeline.errors import LdsError
+from pipeline.consumers import ZEROSHOT_ARRAYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from pipeline.zeroshot import PROMPT_TEMPLATES, SCORES, THRESHOLD
-from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream
+from stages.common import (
+    check_extract_arrays, input_option, manifest_option, provenance, read_manifest, require_arrays, run_stage, store_option,
+    upstream,
+)
 
 
 def last_layer_values(item_group, clip) -> np.ndarray:
     """The value vectors (y, x, heads x head_dim) of an image's last stored attention layer, checked
     against the CLIP whose vision tower is to project them."""
-    from pipeline.extract import join_heads
+    from pipeline.extract import join_heads, stored_array
 
     layers = sorted(item_group["layers"].groups())
-    values = layers[-1][1]["v"][...]
+    values = stored_array(layers[-1][1], "v")
     if values.ndim != 4:
         raise LdsError("zero-shot labels need the value vectors of a CLIP ViT; this extract is Stable Diffusion's")
     values = join_heads(values)
@@ -52,10 +56,11 @@ def zeroshot(input_manifest, clip_repo, weights, classes, threshold, score, stor
     from pipeline.zeroshot import class_embeddings, label_set, zero_shot_labels
 
     store = Store(store_root)
-    source = read_manifest(input_manifest)
+    source = read_manifest(input_manifest, "decode")
     if source.stage != "decode":
         raise LdsError(f"manifest {input_manifest} names a {source.stage} artifact; lds zeroshot labels the regions of `lds decode`")
-    extracted = store.open(upstream(store, source, "extract"))["items"]
+    extract_ref = upstream(store, source, "extract")
+    check_extract_arrays(store, extract_ref, ZEROSHOT_ARRAYS, "lds zeroshot")
     preprocessed = upstream(store, source, "preprocess")
     model_attrs = provenance(store, source)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else store.attrs(preprocessed).get("classes")
@@ -77,6 +82,7 @@ def zeroshot(input_manifest, clip_repo, weights, classes, threshold, score, stor
     }
     decoded = store.open(source)["items"]
     images = store.open(preprocessed)["items"]
+    extracted = store.open(extract_ref)["items"]
 
     @cache
     def clip():
@@ -103,6 +109,7 @@ def zeroshot(input_manifest, clip_repo, weights, classes, threshold, score, stor
         return arrays, {}, {}
 
     def attrs() -> dict:
+        require_arrays(store, extract_ref)  # read below, though the decode artifact is the input
         return model_attrs | {"classes": stored, "background": background, "clip": clip().source}
 
     run_stage(

@@ -29,15 +29,18 @@ METHOD_MAX_TIMESTEP = 250  # per image: timesteps uniform in [0, 250]
 
 # Options that are no configuration (the job's own files, a progress bar) and config keys the workflow
 # reads itself rather than passing on.
-NOT_IN_CONFIG = {"solve": {"input", "store", "manifest", "progress"}, "extract": {"input", "model", "store", "manifest"}}
-WORKFLOW_ONLY = {"solve": {"level"}, "extract": set()}
+# `lds extract --arrays` is derived by the workflow from the config's readers (solve.graph, baselines, zeroshot).
+NOT_IN_CONFIG = {"solve": {"input", "store", "manifest", "progress"}, "extract": {"input", "model", "store", "manifest", "arrays"}}
+WORKFLOW_ONLY = {"solve": {"level"}, "extract": {"keep"}}
 # Where config.yaml deliberately departs from the defaults, and why; any other difference fails.
 DELIBERATE = {
     ("solve", "solver"): ("exact", "the demo's choice: seconds per image on a CPU; adam, the paper's optimisation, stays the default"),
+    ("extract", "dtype"): ("int8", "half of float16's bytes for whole datasets (X within 0.9999); by hand, float16 stays the default"),
 }
 # Where the config spells an option differently from the CLI, and why.
 RESHAPED = {
     ("extract", "weights"): "the config names weights per model (model -> path); the CLI takes one path for its one --model",
+    ("solve", "graph"): "the config lists graph kinds, each its own run (default [kq, vv]); the CLI solves one --graph",
 }
 
 

@@ -23,7 +23,7 @@ CONFIG = {
     "datasets": {"shapes": {"spec": "synthetic-shapes:24", "images_per_shard": 6}},
     "models": ["tiny-vit"],
     "preprocess": {"mode": "short-side", "size": 64},
-    "solve": {"solver": "exact", "channels": 6},
+    "solve": {"solver": "exact", "graph": "kq", "channels": 6},
     "decode": {"clusters": 4, "seed": 0, "instances": False, "dataset_clusters": 4},
 }
 STAGES = ("preprocess", "extract", "solve", "decode")
@@ -78,7 +78,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_without_recomputing(tm
     assert "Nothing to be done" not in log
 
     # the same artifacts, addressed by content, and the same numbers
-    assert manifests(killed) == manifests(whole) and len(manifests(whole)) == 4 * len(STAGES) + 2
+    # (extract's manifests are temporary: its attention is released once solve has read it)
+    assert manifests(killed) == manifests(whole) and len(manifests(whole)) == 4 * (len(STAGES) - 1) + 2
     left, right = Store(whole / "store"), store
     for ref in {r for r in manifests(whole).values() if r.stage == "decode"}:
         for item in left.attrs(ref)["items"]:

@@ -93,7 +93,8 @@ def test_summary_counts_each_run_and_lists_failures_until_they_are_computed(tmp_
 
     first = summarise(store.records("first"))
     assert first["stages"][0] | {"seconds_per_item": None, "seconds": 0} == {
-        "stage": "preprocess", "made": 0, "computed": 2, "reused": 0, "resumed": 0, "failed": 1, "seconds_per_item": None, "seconds": 0}
+        "stage": "preprocess", "made": 0, "computed": 2, "reused": 0, "resumed": 0, "failed": 1, "seconds_per_item": None, "seconds": 0,
+        "mb_stored": None, "mb_per_image": None}
     assert [(f["item"], f["error"]) for f in first["failed"]] == [("b", "disk hiccup reading b")]
     second = summarise(store.records("second"))["stages"][0]
     assert (second["made"], second["computed"], second["resumed"], second["reused"], second["failed"]) == (1, 1, 2, 3, 0)

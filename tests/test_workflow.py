@@ -18,7 +18,7 @@ CONFIG = {
     "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
     "models": ["tiny-vit"],
     "preprocess": {"mode": "short-side", "size": 96},
-    "solve": {"solver": "adam", "channels": 6, "steps": 20, "lr": 0.003, "seed": 0},
+    "solve": {"solver": "adam", "graph": "kq", "channels": 6, "steps": 20, "lr": 0.003, "seed": 0},  # kq and vv: test_what_where.py
     "decode": {"clusters": 4, "seed": 0, "instances": True, "dataset_clusters": 4},
     "baselines": ["maskcut"],
     "baseline_options": {"masks": 2},
@@ -83,7 +83,7 @@ def test_the_maskcut_baseline_runs_beside_the_method_as_its_own_report_row(workd
     assert proposals and len(proposals) <= 2 * 4 and metrics["proposals_per_image"] <= 2
     assert sorted(p.name for p in (run_dir / "figures").glob("*.png")) == ["contact-sheet.png"] + [f"shapes-{i:04d}.png" for i in range(4)]
     markdown = (results / "metrics.md").read_text()
-    assert "| tiny-vit (NOT pretrained) |" in markdown and "| tiny-vit (MaskCut) (NOT pretrained) |" in markdown
+    assert "| tiny-vit (kq) (NOT pretrained) |" in markdown and "| tiny-vit (MaskCut) (NOT pretrained) |" in markdown
     assert "<h2>shapes / tiny-vit (MaskCut)</h2>" in (results / "index.html").read_text()
     assert (results / "metrics.csv").read_text().splitlines()[2].startswith("shapes,tiny-vit,False,random initialisation (NOT pretrained),4,maskcut,")
     bench = results / "benchmarks" / "shapes" / "tiny-vit+maskcut"

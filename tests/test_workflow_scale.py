@@ -19,7 +19,7 @@ CONFIG = {
     "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
     "models": ["tiny-vit"],
     "preprocess": {"size": 96},
-    "solve": {"solver": "exact", "channels": 4},
+    "solve": {"solver": "exact", "graph": "kq", "channels": 4},  # one run per model (kq and vv: test_what_where.py)
     "decode": {"clusters": 3},
 }
 # The dataset-level protocol in miniature: 6 x 6 tokens, heads concatenated, a few epochs.
