@@ -63,7 +63,7 @@ def field(job: str, name: str) -> str:
 def test_slurm_profile_dry_run_validates_without_a_cluster(tmp_path):
     jobs = dry_run(tmp_path, CONFIG, "--profile", str(REPO / "profiles" / "slurm"))
     assert {rule: len(blocks) for rule, blocks in jobs.items()} == {
-        "preprocess": 2, "extract": 2, "solve": 2, "decode": 2, "evaluate": 1, "report": 1, "all": 1,
+        "preprocess": 2, "extract": 2, "solve": 2, "release_extract": 2, "decode": 2, "evaluate": 1, "report": 1, "all": 1,
     }
     extract, evaluate = jobs["extract"][0], jobs["evaluate"][0]
     assert "slurm_partition=CHANGE-ME" in field(extract, "resources") and "runtime=240" in field(extract, "resources")
