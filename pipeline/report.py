@@ -131,10 +131,23 @@ def what_where_table(runs: list[dict[str, Any]]) -> Table | None:
     return Table("What and where: which graph carries position, which carries classes", ["dataset", "model", "graph"] + [h for _, h in keys], rows, WHAT_WHERE_NOTE)
 
 
+def failures_table(runs: list[dict[str, Any]]) -> Table | None:
+    """A row per run that left images out (max_failed): its coverage and the images with their reasons;
+    None when every run evaluated every image."""
+    failing = sorted((r for r in runs if r.get("images_failed")), key=lambda r: (r["dataset"], run_name(r)))
+    if not failing:
+        return None
+    rows = [[r["dataset"], run_name(r), r.get("coverage", ""), "; ".join(f"{item} ({why})" for item, why in r.get("failed_images", {}).items())]
+            for r in failing]
+    return Table("Images left out", ["dataset", "run", "coverage", "failed images"], rows,
+                 "Images a stage could not process (within max_failed): the metrics above leave them out.")
+
+
 def all_tables(runs: list[dict[str, Any]]) -> list[Table]:
-    """The what/where table (when some run records its graph kind), then the task tables."""
-    first = what_where_table(runs)
-    return ([first] if first else []) + tables(runs)
+    """The what/where table (when some run records its graph kind), the task tables, then the images left
+    out (when some run left one out)."""
+    first, failures = what_where_table(runs), failures_table(runs)
+    return ([first] if first else []) + tables(runs) + ([failures] if failures else [])
 
 
 def markdown_report(runs: list[dict[str, Any]]) -> str:

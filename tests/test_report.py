@@ -8,7 +8,7 @@ import json
 
 from click.testing import CliRunner
 
-from pipeline.report import csv_report, markdown_report, tables
+from pipeline.report import csv_report, failures_table, markdown_report, tables
 from stages.cli import cli
 
 RUNS = [
@@ -30,6 +30,15 @@ def test_tables_put_models_down_and_datasets_across():
     assert proposals.rows[1][:2] == ["tiny-vit (NOT pretrained)", "1.0"]
     markdown = markdown_report(RUNS)
     assert "| dino-vits8 | 25.0 | 50.0 |" in markdown and "|---|---|---|" in markdown
+
+
+def test_runs_that_left_images_out_get_a_table_naming_them_and_others_none():
+    assert failures_table(RUNS) is None and "Images left out" not in markdown_report(RUNS)
+    failed = {**RUNS[1], "images_failed": 1, "coverage": "evaluated 5 of 6 images, 1 failed (see summary)",
+              "failed_images": {"img-3": "preprocess: cannot identify image file"}}
+    table = failures_table([RUNS[0], failed])
+    assert table.rows == [["voc", "dino-vits8", "evaluated 5 of 6 images, 1 failed (see summary)", "img-3 (preprocess: cannot identify image file)"]]
+    assert "### Images left out" in markdown_report([RUNS[0], failed])
 
 
 def test_csv_has_one_row_per_run_and_every_metric_column():
