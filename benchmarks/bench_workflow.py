@@ -63,11 +63,12 @@ def stage_seconds(results: Path, model: str) -> dict[str, list[float]]:
     return seconds
 
 
-def logged_seconds(log: str) -> dict[str, float]:
-    """Seconds each stage reports in its "made" lines, summed over its jobs."""
+def logged_seconds(results: Path) -> dict[str, float]:
+    """Seconds each stage reports in its "made" lines (in its jobs' logs), summed over its jobs."""
     seconds: dict[str, float] = {}
-    for stage, _, spent in MADE.findall(log):
-        seconds[stage] = seconds.get(stage, 0.0) + float(spent)
+    for log in (results / "logs").rglob("*.log"):
+        for stage, _, spent in MADE.findall(log.read_text()):
+            seconds[stage] = seconds.get(stage, 0.0) + float(spent)
     return seconds
 
 
@@ -87,7 +88,7 @@ def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps:
         if done.returncode != 0:
             sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
         return {"model": model, "cores": cores, "images": images, "wall_s": wall, "load_before": before,
-                "load_after": load(), "stages": stage_seconds(workdir / "results", model), "logged": logged_seconds(done.stderr)}
+                "load_after": load(), "stages": stage_seconds(workdir / "results", model), "logged": logged_seconds(workdir / "results")}
 
 
 def per_hour(images: int, seconds: float) -> str:

@@ -18,9 +18,7 @@ from pipeline.failures import DEFAULT_MAX_FAILED, MAX_FAILED_ENV, allowed_failur
 from pipeline.hashing import artifact_key
 from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
-
-# Bump a stage's version whenever a change to its code changes what it writes: the keys change with it.
-STAGE_VERSIONS = {"preprocess": 3, "extract": 4, "solve": 6, "solve-dataset": 3, "decode": 4, "cluster": 4, "evaluate": 6, "baseline": 4, "zeroshot": 2}
+from stages.versions import STAGE_VERSIONS
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
 

@@ -22,7 +22,8 @@ from pipeline.consumers import GRAPH_ARRAYS
 from pipeline.errors import LdsError
 from pipeline.hashing import artifact_key
 from pipeline.store import ArraySpec, ArtifactRef, Store
-from stages.common import STAGE_VERSIONS, check_extract_arrays, log, provenance, read_manifest, run_stage, store_option
+from stages.common import check_extract_arrays, log, provenance, read_manifest, run_stage, store_option
+from stages.versions import STAGE_VERSIONS
 
 STAGE = "solve-dataset"
 

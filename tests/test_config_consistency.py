@@ -137,10 +137,14 @@ def dry_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
 
 
 def printed_command(log: str, stage: str) -> list[str]:
-    """The arguments after `-m stages STAGE` of the first such command the dry-run printed."""
+    """The arguments after `-m stages STAGE` of the first such command the dry-run printed, up to the
+    redirection of its output to the job's log (checked)."""
     marker = f" -m stages {stage} "
     line = next(line for line in log.splitlines() if marker in line)
-    return shlex.split(line[line.index(marker) + len(marker):])
+    args = shlex.split(line[line.index(marker) + len(marker):])
+    redirect = args.index(">")
+    assert args[redirect + 1].startswith("results/logs/") and args[redirect + 2:] == ["2>&1"], args[redirect:]
+    return args[:redirect]
 
 
 def as_config(value):

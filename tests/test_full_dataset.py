@@ -3,6 +3,7 @@ released once its readers have published (extract.keep: until-consumed) and noth
 the store holds about what the later stages need per image, and extract stores only what its readers read."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +40,10 @@ BROKEN = "img04"
 
 
 def snakemake(workdir: Path, *extra: str) -> str:
+    """Run Snakemake; what its jobs wrote to their logs (Snakemake names each job's log as it starts it)."""
     run = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *extra], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    return run.stdout + run.stderr
+    return "".join((workdir / path).read_text() for path in re.findall(r"^\s+log: (\S+)", run.stdout + run.stderr, re.MULTILINE))
 
 
 def photos(folder: Path, count: int = 10) -> None:
@@ -64,7 +66,7 @@ def refs(store: Store, stage: str) -> list[ArtifactRef]:
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory) -> dict:
-    """One folder, two Snakemake runs: the whole DAG, and again after deleting the metrics."""
+    """One folder, two Snakemake runs (their jobs' logs): the whole DAG, and again after deleting the metrics."""
     root = tmp_path_factory.mktemp("full-dataset")
     photos(root / "photos")
     (root / "config").mkdir()
