@@ -21,7 +21,7 @@ rule preprocess:
     benchmark:
         BENCH + "/shard-{shard}/preprocess.tsv"
     shell:
-        "{LDS} preprocess --dataset {params.spec:q} --shard {wildcards.shard} --shard-size {params.per}"
+        "{LDS} preprocess --dataset {params.spec:q} --shard {wildcards.shard} --shard-size {params.per} {params.limit}"
         " --size {params.size} --mode {params.mode} --multiple {params.multiple}"
         " --store {STORE:q} --manifest {output:q} > {log:q} 2>&1"
 

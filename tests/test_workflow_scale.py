@@ -173,3 +173,9 @@ def test_baselines_get_their_own_runs_with_the_configured_options(tmp_path):
     assert "--figures results/shapes/tiny-vit+tokencut/figures" in decode
     report = field(jobs["report"][0], "input").split(", ")
     assert set(report) == {f"results/shapes/{run}/metrics.json" for run in ("tiny-vit", "tiny-vit+maskcut", "tiny-vit+tokencut")}
+
+
+def test_max_images_reaches_every_preprocess_job_so_the_last_shard_stops_at_the_subset(tmp_path):
+    config = {**CONFIG, "datasets": {"shapes": {"spec": "synthetic-shapes:7", "images_per_shard": 2, "max_images": 3}}}
+    jobs = dry_run(tmp_path, config, "--cores", "1")
+    assert len(jobs["preprocess"]) == 2 and all("--max-images 3" in job for job in jobs["preprocess"])
