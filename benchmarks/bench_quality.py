@@ -17,7 +17,7 @@ Seconds per image are those the stages logged when they made their artifacts (th
 run), summed over the run's preprocess, extract, solve (or baseline / solve-dataset, cluster), decode
 and evaluate, over its images: a cached artifact keeps the seconds it took when it was made.
 
-    lds bench quality                                   # ../shared/data; over an hour on 2 cores the first time (README)
+    lds bench quality                                   # ../shared/data; over an hour on 2 cores the first time (docs/quality.md)
     lds bench quality -- --runs coco,solvers-exact,solvers-adam --adam-images 24
 """
 
@@ -56,7 +56,7 @@ def run_configs(coco: str, voc: str, store: str, adam_images: int) -> dict[str, 
         "voc-dataset": {
             **base, "datasets": voc_data, "preprocess": {"mode": "center-crop", "size": 320},
             "extract": {"max_resolution": 32, "concat_heads": True}, "solve": {"level": "dataset"},
-            # affordable on 2 CPU cores (README: Dataset-level solver); the paper's 100 epochs at lr 1e-2 take hours
+            # affordable on 2 CPU cores (docs/solver.md: Dataset-level solver); the paper's 100 epochs at lr 1e-2 take hours
             "solve_dataset": {"graph": "vv", "layers": "block08,block09,block10,block11", "partitions": 2, "epochs": 20, "lr": 0.1, "ema": 0.95},
             "decode": {"instances": False, "dataset_clusters": 21},
         },

@@ -153,7 +153,7 @@ def all_tables(runs: list[dict[str, Any]]) -> list[Table]:
 def markdown_report(runs: list[dict[str, Any]]) -> str:
     intro = (
         "# lds metrics\n\nPercentages (mIoU, accuracy, AP, AR) and X-Y regression R² / error; "
-        "'-' where the dataset has no ground truth for that task. README.md (Metrics) says what each one means.\n\n"
+        "'-' where the dataset has no ground truth for that task. docs/metrics.md says what each one means.\n\n"
     )
     return intro + "\n".join(t.markdown() for t in all_tables(runs))
 
