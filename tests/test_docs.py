@@ -279,7 +279,7 @@ def test_lds_commands_parse(lds_group):
 
 
 def known_options(group: click.Group) -> set[str]:
-    """Every option of every lds command, of the benchmark scripts, and of Snakemake."""
+    """Every option of every lds command, of the benchmark scripts and stages/versions.py, and of Snakemake."""
     from snakemake.cli import get_argument_parser
 
     names: set[str] = set()
@@ -292,7 +292,7 @@ def known_options(group: click.Group) -> set[str]:
             walk(sub)
 
     walk(group)
-    for script in (REPO / "benchmarks").glob("*.py"):
+    for script in [*(REPO / "benchmarks").glob("*.py"), REPO / "stages" / "versions.py"]:
         names.update(re.findall(r'"(--[\w-]+)"', script.read_text()))
     for action in get_argument_parser()._actions:
         names.update(action.option_strings)
