@@ -9,6 +9,7 @@ import click
 
 from pipeline.errors import LdsError
 from pipeline.store import ArtifactRef, Store, walk_arrays
+from pipeline.store.maintenance import reachable, release, verify
 from stages.common import find_manifests, read_manifest, stale_manifests, store_option, write_json_atomic
 from stages.baseline import baseline
 from stages.bench import bench
@@ -148,7 +149,7 @@ def cache_verify(targets, repair, results_folders, store_root):
     refs = [resolve_ref(store, t) for t in targets] or store.artifacts()
     bad = []
     for ref in refs:
-        problems = store.verify(ref)
+        problems = verify(store, ref)
         bad += [ref] if problems else []
         click.echo(f"{'BAD' if problems else 'ok '} {ref.stage}/{ref.key}" + "".join(f"\n    {p}" for p in problems))
     if not repair:
@@ -176,7 +177,7 @@ def cache_gc(manifests, dry_run, store_root):
     roots = list(find_manifests(manifests).values())
     if not roots:
         raise LdsError("no manifests given or found: refusing to remove every artifact")
-    keep = store.reachable(roots)
+    keep = reachable(store, roots)
     doomed = [ref for ref in store.artifacts() if ref not in keep]
     for ref in doomed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {ref.stage}/{ref.key}")
@@ -199,13 +200,13 @@ def cache_release(manifest, readers, record, store_root):
     if not store.exists(ref):
         raise LdsError(f"artifact {ref.stage}/{ref.key} named by {manifest} is not in store {store.root}")
     after = [read_manifest(path) for path in readers]
-    waiting = [f"{r.stage}/{r.key}" for r in after if not store.exists(r) or ref not in store.reachable([r])]
+    waiting = [f"{r.stage}/{r.key}" for r in after if not store.exists(r) or ref not in reachable(store, [r])]
     if waiting:
         raise LdsError(f"not releasing {ref.stage}/{ref.key}: {', '.join(waiting)} not published or not made from it")
     items = store.attrs(ref).get("items", [])
-    freed = store.release(ref, "used by " + (", ".join(f"{r.stage}/{r.key}" for r in after) or "nothing named"))
+    freed = release(store, ref, "used by " + (", ".join(f"{r.stage}/{r.key}" for r in after) or "nothing named"))
     if freed:
-        store.record("released", ref, bytes=freed, items=len(items))
+        store.journal.record("released", ref, bytes=freed, items=len(items))
     click.echo(f"released {ref.stage}/{ref.key}: {freed / 1e6:.1f} MB freed", err=True)
     if record is not None:
         write_json_atomic(record, {"released": ref.as_dict(), "bytes": freed, "after": [r.as_dict() for r in after]})
@@ -218,12 +219,12 @@ def cache_release(manifest, readers, record, store_root):
 def cache_prune_journal(keep, dry_run, store_root):
     """Delete the journal records (`lds summary`'s input) of all but the KEEP most recent runs."""
     store = Store(store_root)
-    runs = store.runs()
+    runs = store.journal.runs()
     doomed = runs[: max(len(runs) - keep, 0)]
     for run in doomed:
         click.echo(f"{'would remove' if dry_run else 'removed'} journal of run {run}")
         if not dry_run:
-            store.remove_run(run)
+            store.journal.remove_run(run)
     click.echo(f"{len(runs) - len(doomed)} runs kept, {len(doomed)} {'to remove' if dry_run else 'removed'}")
 
 

@@ -18,6 +18,7 @@ from pipeline.failures import DEFAULT_MAX_FAILED, MAX_FAILED_ENV, allowed_failur
 from pipeline.hashing import artifact_key
 from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
+from pipeline.store.maintenance import reachable
 from stages.versions import STAGE_VERSIONS
 
 ItemResult = tuple[dict[str, ArraySpec], dict[str, Any], dict[str, dict]]
@@ -88,7 +89,7 @@ def stale_manifests(store: Store, manifests: dict[Path, ArtifactRef], removed: I
     """The manifests naming an artifact that is not in the store, or (called before their removal) one of
     ``removed`` or an artifact made from one of them, through its inputs."""
     doomed = set(removed)
-    return [path for path, ref in manifests.items() if not store.exists(ref) or (doomed and store.reachable([ref]) & doomed)]
+    return [path for path, ref in manifests.items() if not store.exists(ref) or (doomed and reachable(store, [ref]) & doomed)]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -181,7 +182,7 @@ def run_stage(
                 return ref
     log(f"{stage}: cached {store.path(ref)}")
     made = store.attrs(ref)
-    store.record("reused", ref, items=len(made["items"]), failed=made.get("failed", {}))
+    store.journal.record("reused", ref, items=len(made["items"]), failed=made.get("failed", {}))
     write_manifest(manifest, store, ref, params, made["items"])
     return ref
 
@@ -216,7 +217,7 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
     todo = [item for item in items if item not in done]
     if done:
         log(f"{ref.stage}: resuming, {len(done)} of {len(items)} items already done")
-        store.record("resumed", ref, items=len(done))
+        store.journal.record("resumed", ref, items=len(done))
     failed: dict[str, str] = {}
     for count, item in enumerate(tqdm(todo, desc=ref.stage, unit="image", disable=not sys.stderr.isatty()), 1):
         item_started = time.perf_counter()
@@ -227,7 +228,7 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
             if isinstance(error, LdsError) and not isinstance(error, ItemError):
                 raise  # the input or environment is wrong for every item: say so at once
             failed[item] = reason = one_line(error)
-            store.record("failed", ref, item, error=reason, error_type=type(error).__name__)
+            store.journal.record("failed", ref, item, error=reason, error_type=type(error).__name__)
             log(f"{ref.stage}: {item} failed: {type(error).__name__}: {reason}")
             if not isinstance(error, ItemError) and len(failed) == 1:
                 log(traceback.format_exc().rstrip())
@@ -235,7 +236,7 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
                 raise LdsError(f"{ref.stage}: the first {count} items all failed, stopping (first: {todo[0]}: {failed[todo[0]]})") from None
             continue
         if written:
-            store.record("computed", ref, item, seconds=round(time.perf_counter() - item_started, 3))
+            store.journal.record("computed", ref, item, seconds=round(time.perf_counter() - item_started, 3))
     allowed = allowed_failures(limit, len(items))
     if len(failed) > allowed:
         names = ", ".join(list(failed)[:5]) + (" ..." if len(failed) > 5 else "")
@@ -248,7 +249,7 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
     left = {**extra.pop("failed", {}), **failed}  # finish may name images left out earlier (evaluate: its inputs')
     path = writer.publish(kept, {**extra, **({"failed": left} if left else {})})
     seconds = time.perf_counter() - started
-    store.record("published", ref, items=len(kept), computed=len(todo) - len(failed), seconds=round(seconds, 3),
-                 failed=left, bytes=store.size(ref))
+    store.journal.record("published", ref, items=len(kept), computed=len(todo) - len(failed), seconds=round(seconds, 3),
+                         failed=left, bytes=store.size(ref))
     left_out = f"; {len(failed)} failed items left out (max_failed allows {allowed}): {', '.join(failed)}" if failed else ""
     log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s{left_out})")

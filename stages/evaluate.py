@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.failures import coverage, failed_lineage
 from pipeline.store import ArraySpec, Store
+from pipeline.store.maintenance import reachable
 from stages.common import (
     dask_scheduler_option, log, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
     write_json_atomic, write_text_atomic,
@@ -95,7 +96,7 @@ def evaluate(input_manifests, semantic_manifest, zeroshot_manifests, metrics_pat
     zeroshot_refs = [read_manifest(path, "zeroshot") for path in zeroshot_manifests]
     inputs = sources + ([semantic_ref] if semantic_ref else []) + zeroshot_refs
     # images a stage left out (max_failed): not scored, but counted and named in the metrics
-    failed = failed_lineage([{"stage": ref.stage, "failed": store.attrs(ref).get("failed", {})} for ref in store.reachable(inputs)])
+    failed = failed_lineage([{"stage": ref.stage, "failed": store.attrs(ref).get("failed", {})} for ref in reachable(store, inputs)])
     shards = [(decoded, solved, images, [item for item in items if item not in failed]) for decoded, solved, images, items in shards]
     results: dict = {}
 

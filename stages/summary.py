@@ -21,7 +21,7 @@ def summary(run, all_runs, output, store_root):
     """Per stage: items computed, reused from the cache, resumed from an interrupted run, failed (with
     reasons), seconds per computed item, and the bytes its artifacts hold in the store."""
     store = Store(store_root)
-    runs = store.runs()
+    runs = store.journal.runs()
     if not runs:
         raise LdsError(f"store {store.root} has no journal yet: run a stage first")
     if run is not None and run not in runs:
@@ -29,7 +29,7 @@ def summary(run, all_runs, output, store_root):
                    f"latest runs: {', '.join(runs[-3:])}")
         return
     name = "all runs" if all_runs else run or runs[-1]
-    records = store.records(None if all_runs else name)
+    records = store.journal.records(None if all_runs else name)
     result = summarise(records, artifact_sizes(store, records))
     text = summary_markdown(result, name)
     click.echo(text, nl=False)

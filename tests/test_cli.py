@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.store import ArtifactRef, Store
+from pipeline.store.maintenance import verify
 from stages.common import read_manifest
 from stages.cli import cli
 
@@ -50,7 +51,7 @@ def test_chain_writes_every_stage_and_figures(chain):
         record = json.loads(path.read_text())
         ref = ArtifactRef(record["stage"], record["key"])
         assert record["stage"] == stage and store.exists(ref)
-        assert store.verify(ref) == []
+        assert verify(store, ref) == []
     extract = store.open(ArtifactRef("extract", json.loads(manifests["extract"].read_text())["key"]))
     assert extract.attrs["pretrained"] is False and "NOT pretrained" in extract.attrs["weights"]
     q = extract["items/shapes-0000/layers/block00/q"]
@@ -136,7 +137,7 @@ def test_unreadable_image_is_named_and_the_store_keeps_the_good_ones(tmp_path):
     partial = Path(store.partial_path(store.partials()[0]))
     assert (partial / "items" / "a" / "zarr.json").is_file()  # the good image is kept for the re-run
     assert "1 of 2 items failed (b)" in result.output
-    [failure] = [r for r in store.records() if r["event"] == "failed"]
+    [failure] = [r for r in store.journal.records() if r["event"] == "failed"]
     assert failure["item"] == "b" and "cannot read image" in failure["error"]
 
 
@@ -156,7 +157,7 @@ def test_unknown_model_and_missing_weights(tmp_path):
     assert "weights for model dino-vits16" in missing.stderr and "--weights PATH" in missing.stderr
     assert "Traceback" not in missing.stderr
     store = Store(tmp_path / "s")
-    assert [ref.stage for ref in store.artifacts()] == ["preprocess"] and store.verify(store.artifacts()[0]) == []
+    assert [ref.stage for ref in store.artifacts()] == ["preprocess"] and verify(store, store.artifacts()[0]) == []
 
 
 def test_unwritable_store_is_reported(tmp_path):
@@ -203,7 +204,7 @@ def test_kill_during_a_stage_then_rerun_matches_an_uninterrupted_run(tmp_path):
     for item in a.attrs["items"]:
         for name in ("X", "X_ortho", "losses"):
             np.testing.assert_array_equal(a[f"items/{item}/{name}"][...], b[f"items/{item}/{name}"][...])
-    assert Store(store).verify(ArtifactRef("solve", key)) == []
+    assert verify(Store(store), ArtifactRef("solve", key)) == []
 
 
 def test_solve_options_select_graphs_and_store_u(chain, tmp_path):
@@ -258,14 +259,14 @@ def test_the_chain_runs_on_an_fsspec_memory_store_and_matches_a_local_one(chain,
     store = Store(url)
     assert json.loads(remote["decode"].read_text())["path"].startswith("memory://")
     ref = read_manifest(remote["solve"])
-    assert store.verify(ref) == []
+    assert verify(store, ref) == []
     here, there = Store(local_store).open(ref), store.open(ref)
     item = store.attrs(ref)["items"][0]
     assert np.array_equal(here[f"items/{item}/X_ortho"][...], there[f"items/{item}/X_ortho"][...])
     metrics = [json.loads(path.read_text()) for path in (tmp_path / "results/metrics.json", local["evaluate"].parent / "metrics.json")]
     assert [{k: v for k, v in m.items() if k != "artifact"} for m in metrics] == [{k: v for k, v in metrics[1].items() if k != "artifact"}] * 2
-    assert {r["event"] for r in store.records()} >= {"computed", "published"}
-    assert not any(r["event"] == "failed" for r in store.records())
+    assert {r["event"] for r in store.journal.records()} >= {"computed", "published"}
+    assert not any(r["event"] == "failed" for r in store.journal.records())
 
 
 def test_preprocess_max_images_keeps_the_first_images_of_the_listing(tmp_path):

@@ -28,6 +28,7 @@ from pipeline.dataset_solver import (
 from pipeline.decode import kmeans_labels
 from pipeline.metrics import confusion_matrix, matched_scores
 from pipeline.store import ArraySpec, ArtifactRef, Store
+from pipeline.store.maintenance import verify
 from stages.cli import cli
 
 
@@ -383,7 +384,7 @@ def test_solve_dataset_cli_writes_one_artifact_per_shard_that_decode_and_evaluat
     for shard, manifest in enumerate(outputs):
         record = json.loads(manifest.read_text())
         ref = ArtifactRef(record["stage"], record["key"])
-        assert ref.stage == "solve-dataset" and store.verify(ref) == []
+        assert ref.stage == "solve-dataset" and verify(store, ref) == []
         group = store.open(ref)
         assert group.attrs["items"] == [f"img{2 * shard}", f"img{2 * shard + 1}"]
         assert group.attrs["inputs"] == [{"stage": "extract", "key": f"ext{shard}"}]

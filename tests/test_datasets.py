@@ -18,6 +18,7 @@ from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import LdsError
 from pipeline.preprocess import Geometry, plan, resize_nearest, to_original
 from pipeline.store import ArtifactRef, Store
+from pipeline.store.maintenance import verify
 from stages.cli import cli
 
 
@@ -253,7 +254,7 @@ def test_voc_through_preprocess_stores_labels_and_objects_with_the_image_crop(tm
     np.testing.assert_array_equal(instances, np.stack([resize_nearest(objects == v, geometry) for v in (1, 2)]))
     # objects lie on their class: the person's pixels are labelled person
     assert np.all(labels[instances[0]] == 15) and np.all(labels[instances[1]] == 12)
-    assert Store(store).verify(ref) == []
+    assert verify(Store(store), ref) == []
 
 
 def test_unknown_dataset_lists_every_reader():

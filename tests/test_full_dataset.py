@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.errors import LdsError
 from pipeline.failures import allowed_failures, coverage, failed_lineage, parse_max_failed
 from pipeline.store import ArraySpec, ArtifactRef, Store, walk_arrays
+from pipeline.store.maintenance import verify
 from stages.cli import cli
 from stages.common import run_stage
 
@@ -93,7 +94,7 @@ def test_a_truncated_jpeg_is_left_out_and_the_run_completes(workflow):
         assert all(BROKEN not in store.attrs(ref)["items"] and len(store.attrs(ref)["items"]) == 9 for ref in refs(store, stage))
     summary = workflow["summary"]["md"]  # the whole run's
     assert "## 1 failed item\n" in summary and f"- preprocess {BROKEN} (" in summary and "left out of the results" in summary
-    published = [r for r in store.records() if r["event"] == "published" and r["stage"] == "preprocess"]
+    published = [r for r in store.journal.records() if r["event"] == "published" and r["stage"] == "preprocess"]
     assert [list(r["failed"]) for r in published] == [[BROKEN]]
 
 
@@ -107,15 +108,15 @@ def test_retention_releases_only_consumed_attention_and_nothing_is_recomputed(wo
     assert not (root / RUN / "shard-0/extract.json").exists() and (root / RUN / "shard-0/extract-released.json").is_file()
     for ref in store.artifacts():
         assert ref == extract or "released" not in store.attrs(ref)
-        assert store.verify(ref) == [], ref
+        assert verify(store, ref) == [], ref
     # released after its readers (solve, the baseline) had published, and only then
-    first = store.records(store.runs()[0])
+    first = store.journal.records(store.journal.runs()[0])
     (released,) = [r for r in first if r["event"] == "released"]
     readers = [r for r in first if r["event"] == "published" and r["stage"] in ("solve", "baseline")]
     assert len(readers) == 2 and max(r["time"] for r in readers) <= released["time"] and released["items"] == 9
     # the re-run finds every artifact after the extract, through its released lineage: nothing computed again
     assert "evaluate: cached" in logs["after deletion"] and ": made " not in logs["after deletion"]
-    assert {r["event"] for r in store.records(store.runs()[-1])} == {"reused"} and len(store.runs()) == 2
+    assert {r["event"] for r in store.journal.records(store.journal.runs()[-1])} == {"reused"} and len(store.journal.runs()) == 2
 
 
 def test_the_store_holds_no_more_per_image_than_the_arrays_later_stages_read(workflow):
@@ -153,7 +154,7 @@ def test_a_released_extract_is_made_again_when_a_stage_needs_it(tmp_path):
     early = invoke("cache", "release", str(run / "ex.json"), "--after", str(run / "solve.json"), "--after", str(run / "nope.json"))
     assert early.exit_code == 1 and "not releasing" in early.output and "released" not in store.attrs(extract)
     assert invoke("cache", "release", str(run / "ex.json"), "--after", str(run / "solve.json")).exit_code == 0
-    assert "released" in store.attrs(extract) and store.verify(extract) == []
+    assert "released" in store.attrs(extract) and verify(store, extract) == []
     other = invoke("solve", "--input", str(run / "ex.json"), "--solver", "exact", "--channels", "3")
     assert other.exit_code == 1 and "were deleted after use" in other.output
     again = invoke("extract", "--input", str(run / "pre.json"), "--model", "tiny-vit", "--arrays", "q,k", "--manifest", str(run / "ex.json"))
@@ -222,6 +223,6 @@ def test_a_stage_publishes_within_max_failed_and_resumes_above_it(tmp_path, monk
     attrs = store.attrs(ref)
     assert attrs["failed"] == {"img7": "cannot read img7"} and attrs["items"] == [i for i in items if i != "img7"]
     assert json.loads((tmp_path / "m.json").read_text())["items"] == attrs["items"]
-    computed = [r["item"] for r in store.records() if r["event"] == "computed"]
+    computed = [r["item"] for r in store.journal.records() if r["event"] == "computed"]
     assert sorted(computed) == sorted(set(items) - {"img7"}) and len(computed) == 9  # no image computed twice
-    assert run(set()) == ref and [r["event"] for r in store.records() if r["event"] == "reused"] == ["reused"]  # final for its key
+    assert run(set()) == ref and [r["event"] for r in store.journal.records() if r["event"] == "reused"] == ["reused"]  # final for its key

@@ -19,6 +19,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.store import ArraySpec, ArtifactRef, Store, array_checksum
+from pipeline.store.maintenance import verify
 from stages.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def ref_of(manifest: Path) -> ArtifactRef:
 
 def events(store: Path, run: str) -> Counter:
     """(event, stage, item) counts of one run's journal."""
-    return Counter((r["event"], r["stage"], r["item"]) for r in Store(store).records(run))
+    return Counter((r["event"], r["stage"], r["item"]) for r in Store(store).journal.records(run))
 
 
 def flip(path: Path) -> None:
@@ -90,7 +91,7 @@ def test_a_damaged_chunk_stops_a_stage_with_one_line_naming_it(work, fault, reas
     where = f"extract artifact {extract.key}: image shapes-0001, array layers/block03/k, chunk c/0/0/0/0"
     assert error_line(result) == f"Error: {where} {reason}; {repair_hint(store)}"
     assert sorted(ref.stage for ref in Store(store).artifacts()) == ["extract", "preprocess", "solve"]  # no new solve published
-    assert Store(store).verify(extract) == [f"items/shapes-0001/layers/block03/k: chunk c/0/0/0/0 {reason}"]
+    assert verify(Store(store), extract) == [f"items/shapes-0001/layers/block03/k: chunk c/0/0/0/0 {reason}"]
 
 
 def test_every_chunk_is_stored_with_a_crc32c_even_one_of_zeros(tmp_path):
@@ -115,12 +116,12 @@ def test_old_artifacts_without_checksums_still_read(tmp_path):
     for name, values, chunks in (("x", data, (1, 3)), ("zeros", np.zeros(4), (4,))):  # zarr's defaults, as before: no crc32c, no chunk of zeros
         item.create_array(name, data=values, chunks=chunks).attrs["sha256"] = array_checksum(values)
     writer.publish(["img0"])
-    assert store.verify(ref) == []
+    assert verify(store, ref) == []
     group = store.open(ref)
     assert np.array_equal(group["items/img0/x"][...], data) and not group["items/img0/zeros"][...].any()
     (Path(store.path(ref)) / "items/img0/x/c/1/0").unlink()  # without checksums a missing chunk reads as zeros ...
     assert np.array_equal(store.open(ref)["items/img0/x"][...], [data[0], [0, 0, 0]])
-    assert store.verify(ref) == ["items/img0/x: checksum mismatch"]  # ... and verify still catches it
+    assert verify(store, ref) == ["items/img0/x: checksum mismatch"]  # ... and verify still catches it
 
 
 def test_verify_repair_removes_the_bad_artifact_and_the_manifests_made_from_it_and_the_next_run_remakes_only_it(work, monkeypatch):
@@ -205,7 +206,7 @@ def test_a_writer_failing_half_way_leaves_only_whole_items_and_the_rerun_does_th
     monkeypatch.setenv("LDS_RUN", "space-freed")
     lds("solve", "--input", extract, "--solver", "exact", "--channels", 3, "--store", store)
     assert events(store, "space-freed") == Counter({("resumed", "solve", ""): 1, ("computed", "solve", "shapes-0001"): 1, ("published", "solve", ""): 1})
-    assert Store(store).verify(partial) == []
+    assert verify(Store(store), partial) == []
 
 
 # -- the workflow: two Snakemake runs at once on one store, then a repair and a hand-deleted artifact ------------------
@@ -239,12 +240,12 @@ def test_two_runs_at_once_share_one_store_then_repair_and_a_deleted_artifact_rem
     shard = Path(TARGET).parent
     names = [p.name for p in sorted((a / shard).glob("*.json"))]
     assert names and all(ref_of(a / shard / n) == ref_of(b / shard / n) for n in names)
-    records = Store(store).records()
+    records = Store(store).journal.records()
     computed = Counter((r["stage"], r["item"]) for r in records if r["event"] == "computed")
     assert computed == Counter({(stage, image): 1 for stage in ("preprocess", "extract", "solve") for image in IMAGES})  # each once
     for run in ("a-1", "b-1"):  # and each run saw every stage, made by itself or by the other (read intact: solve read extract)
-        assert {r["stage"] for r in Store(store).records(run) if r["event"] in ("published", "reused")} == {"preprocess", "extract", "solve"}
-    assert all(Store(store).verify(ref) == [] for ref in Store(store).artifacts())
+        assert {r["stage"] for r in Store(store).journal.records(run) if r["event"] in ("published", "reused")} == {"preprocess", "extract", "solve"}
+    assert all(verify(Store(store), ref) == [] for ref in Store(store).artifacts())
 
     preprocess = ref_of(b / shard / "preprocess.json")
     truncate(Path(Store(store).path(preprocess)) / "items/shapes-0000/rgb/c/0/0/0")
@@ -253,13 +254,13 @@ def test_two_runs_at_once_share_one_store_then_repair_and_a_deleted_artifact_rem
     assert removed[0] == f"removed preprocess/{preprocess.key}"
     assert sorted(removed[1:]) == sorted(f"removed {a / shard / n}" for n in names)  # extract and solve are made from it
     assert "Nothing to be done" not in finish(snakemake(a, "a-2"))
-    again = Counter((r["event"], r["stage"]) for r in Store(store).records("a-2") if r["event"] in ("computed", "reused"))
+    again = Counter((r["event"], r["stage"]) for r in Store(store).journal.records("a-2") if r["event"] in ("computed", "reused"))
     assert again == Counter({("computed", "preprocess"): 2, ("reused", "extract"): 1, ("reused", "solve"): 1})
 
     solve = ref_of(b / shard / "solve.json")
     shutil.rmtree(Store(store).path(solve))  # deleted by hand: run b's manifest names a missing artifact
     log = finish(snakemake(b, "b-2"))
     assert f"lds: results/shapes/tiny-vit/shard-0/solve.json names an artifact that is not in store {store}: removed, so its rule runs again" in log
-    again = Counter((r["event"], r["stage"]) for r in Store(store).records("b-2") if r["event"] in ("computed", "reused"))
+    again = Counter((r["event"], r["stage"]) for r in Store(store).journal.records("b-2") if r["event"] in ("computed", "reused"))
     assert again["computed", "solve"] == 2 and {stage for event, stage in again if event == "computed"} == {"solve"}
-    assert ref_of(b / shard / "solve.json") == solve and Store(store).verify(solve) == []
+    assert ref_of(b / shard / "solve.json") == solve and verify(Store(store), solve) == []

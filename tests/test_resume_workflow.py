@@ -89,12 +89,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_without_recomputing(tm
 
     # by the journal: every item of every stage computed exactly once over both runs, and nothing
     # that was published before the kill was made again
-    records = store.records()
+    records = store.journal.records()
     computed = Counter((r["stage"], r["key"], r["item"]) for r in records if r["event"] == "computed")
     assert max(computed.values()) == 1
     expected = Counter({stage: 24 for stage in STAGES} | {"cluster": 24})
     assert Counter(stage for stage, _, _ in computed) == expected
     remade = [r for r in records if r["event"] in ("computed", "published") and ArtifactRef(r["stage"], r["key"]) in published_before
-              and r["run"] == store.runs()[-1]]
+              and r["run"] == store.journal.runs()[-1]]
     assert remade == []
-    assert len(store.runs()) == 2 and (killed / "results" / "summary.md").is_file()
+    assert len(store.journal.runs()) == 2 and (killed / "results" / "summary.md").is_file()

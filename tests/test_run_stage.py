@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.errors import LdsError
 from pipeline.store import ArraySpec, Store
+from pipeline.store.maintenance import verify
 from pipeline.summary import summarise
 from stages.common import FAILURE_LIMIT, run_stage
 
@@ -25,7 +26,7 @@ def _run(store: Store, items: list[str], broken: set[str]):
 
 
 def _events(store: Store, event: str) -> list[str]:
-    return sorted(r["item"] for r in store.records() if r["event"] == event)
+    return sorted(r["item"] for r in store.journal.records() if r["event"] == event)
 
 
 def test_a_failed_item_is_listed_and_a_rerun_retries_only_it(tmp_path, monkeypatch):
@@ -35,20 +36,20 @@ def test_a_failed_item_is_listed_and_a_rerun_retries_only_it(tmp_path, monkeypat
     with pytest.raises(LdsError, match=r"1 of 3 items failed \(b\).*retries only the failed"):
         _run(store, items, broken={"b"})
     assert store.artifacts() == [] and len(store.partials()) == 1
-    failures = [r for r in store.records("first") if r["event"] == "failed"]
+    failures = [r for r in store.journal.records("first") if r["event"] == "failed"]
     assert [(r["item"], r["error"]) for r in failures] == [("b", "disk hiccup reading b")]
     assert _events(store, "computed") == ["a", "c"]
 
     monkeypatch.setenv("LDS_RUN", "second")
     ref = _run(store, items, broken=set())
     assert _events(store, "computed") == ["a", "b", "c"]  # b once more, a and c never again
-    assert [r["items"] for r in store.records("second") if r["event"] == "resumed"] == [2]
-    assert store.attrs(ref)["items"] == items and store.verify(ref) == []
+    assert [r["items"] for r in store.journal.records("second") if r["event"] == "resumed"] == [2]
+    assert store.attrs(ref)["items"] == items and verify(store, ref) == []
 
     monkeypatch.setenv("LDS_RUN", "third")
     _run(store, items, broken=set(items))  # cached: nothing is computed, so nothing can fail
-    assert [r["event"] for r in store.records("third")] == ["reused"]
-    assert store.runs() == ["first", "second", "third"]
+    assert [r["event"] for r in store.journal.records("third")] == ["reused"]
+    assert store.journal.runs() == ["first", "second", "third"]
 
 
 def test_prune_journal_keeps_the_newest_runs_and_every_artifact(tmp_path, monkeypatch):
@@ -61,13 +62,13 @@ def test_prune_journal_keeps_the_newest_runs_and_every_artifact(tmp_path, monkey
         monkeypatch.setenv("LDS_RUN", run)
         ref = _run(store, ["a", "b"], broken=set())
         os.utime(tmp_path / ".journal" / run, (1e9 + age, 1e9 + age))  # distinct times on any file system
-    assert store.runs() == ["run-b", "run-a", "run-c"]
+    assert store.journal.runs() == ["run-b", "run-a", "run-c"]
     prune = ["cache", "prune-journal", "--keep", "1", "--store", str(tmp_path)]
     dry = CliRunner().invoke(cli, [*prune, "--dry-run"])
-    assert dry.exit_code == 0 and "would remove journal of run run-b" in dry.output and len(store.runs()) == 3
+    assert dry.exit_code == 0 and "would remove journal of run run-b" in dry.output and len(store.journal.runs()) == 3
     done = CliRunner().invoke(cli, prune)
     assert done.exit_code == 0 and "1 runs kept, 2 removed" in done.output
-    assert store.runs() == ["run-c"] and store.artifacts() == [ref] and store.verify(ref) == []
+    assert store.journal.runs() == ["run-c"] and store.artifacts() == [ref] and verify(store, ref) == []
 
 
 def test_a_stage_whose_first_items_all_fail_stops_early(tmp_path):
@@ -91,14 +92,14 @@ def test_summary_counts_each_run_and_lists_failures_until_they_are_computed(tmp_
     _run(store, ["a", "b", "c"], broken=set())
     _run(store, ["a", "b", "c"], broken=set())
 
-    first = summarise(store.records("first"))
+    first = summarise(store.journal.records("first"))
     assert first["stages"][0] | {"seconds_per_item": None, "seconds": 0} == {
         "stage": "preprocess", "made": 0, "computed": 2, "reused": 0, "resumed": 0, "failed": 1, "seconds_per_item": None, "seconds": 0,
         "mb_stored": None, "mb_per_image": None}
     assert [(f["item"], f["error"]) for f in first["failed"]] == [("b", "disk hiccup reading b")]
-    second = summarise(store.records("second"))["stages"][0]
+    second = summarise(store.journal.records("second"))["stages"][0]
     assert (second["made"], second["computed"], second["resumed"], second["reused"], second["failed"]) == (1, 1, 2, 3, 0)
-    assert summarise(store.records())["failed"] == []  # b was computed after it failed
+    assert summarise(store.journal.records())["failed"] == []  # b was computed after it failed
 
     result = CliRunner().invoke(cli, ["summary", "--run", "first", "--store", str(tmp_path), "--output", str(tmp_path / "s.md")])
     assert result.exit_code == 0, result.output

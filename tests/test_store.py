@@ -10,6 +10,7 @@ import zarr
 
 from pipeline.hashing import artifact_key, canonical_json
 from pipeline.store import ArraySpec, ArtifactRef, Store
+from pipeline.store.maintenance import reachable, verify
 
 
 def test_same_inputs_give_same_key_and_key_order_of_params_does_not_matter():
@@ -61,7 +62,7 @@ def test_publish_is_atomic_and_self_describing(tmp_path):
     assert np.all(array[...] == 2.0)
     assert list(array.metadata.dimension_names) == ["y", "x"]
     assert group["items/img0"].attrs["grid"] == [2, 3]
-    assert store.verify(ref) == []
+    assert verify(store, ref) == []
 
 
 def test_publish_refuses_missing_items(tmp_path):
@@ -92,7 +93,7 @@ def test_verify_detects_a_corrupted_chunk(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    assert store.verify(ref), "a flipped byte must be reported"
+    assert verify(store, ref), "a flipped byte must be reported"
 
 
 def test_verify_detects_a_missing_item(tmp_path):
@@ -104,7 +105,7 @@ def test_verify_detects_a_missing_item(tmp_path):
     import shutil
 
     shutil.rmtree(Path(store.path(ref)) / "items" / "img0")
-    assert any("img0" in problem for problem in store.verify(ref))
+    assert any("img0" in problem for problem in verify(store, ref))
 
 
 def test_reachable_follows_inputs(tmp_path):
@@ -112,7 +113,7 @@ def test_reachable_follows_inputs(tmp_path):
     for stage, key, inputs in [("a", "1", []), ("b", "2", [ArtifactRef("a", "1")]), ("b", "3", [])]:
         writer = store.writer(ArtifactRef(stage, key), {}, inputs)
         writer.publish([])
-    assert store.reachable([ArtifactRef("b", "2")]) == {ArtifactRef("a", "1"), ArtifactRef("b", "2")}
+    assert reachable(store, [ArtifactRef("b", "2")]) == {ArtifactRef("a", "1"), ArtifactRef("b", "2")}
     store.remove(ArtifactRef("b", "3"))
     assert ArtifactRef("b", "3") not in store.artifacts()
 
@@ -139,7 +140,7 @@ def test_two_processes_asking_for_one_key_do_not_corrupt_it(tmp_path):
         assert process.exitcode == 0
     store = Store(tmp_path)
     ref = ArtifactRef("solve", "same")
-    assert store.verify(ref) == []
+    assert verify(store, ref) == []
     values = {float(store.open(ref)[f"items/img{i}/x"][0, 0]) for i in range(5)}
     assert len(values) == 1  # every item from the same writer
     assert json.loads((Path(store.path(ref)) / "zarr.json").read_text())["attributes"]["complete"] is True
@@ -161,6 +162,6 @@ def test_an_fsspec_memory_store_publishes_resumes_verifies_and_removes(tmp_path)
     location = writer.publish(["img0", "img1"])
     assert copied[-1].endswith("solve/k1.zarr/zarr.json")
     assert location.startswith("memory://") and store.artifacts() == [ref] and store.partials() == []
-    assert store.verify(ref) == [] and float(store.open(ref)["items/img1/x"][0, 0]) == 2.0
+    assert verify(store, ref) == [] and float(store.open(ref)["items/img1/x"][0, 0]) == 2.0
     store.remove(ref)
     assert store.artifacts() == [] and not store.exists(ref)

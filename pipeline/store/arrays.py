@@ -9,8 +9,8 @@ On a local disk a move is one rename; elsewhere the group's ``zarr.json`` is cop
 artifact or item counts as present only once its ``zarr.json`` is there. A lock file serialises local
 processes that ask for the same key (object stores have no locks: Snakemake never runs one job twice).
 
-Every computed, reused or failed item is also recorded in a journal under ``<root>/.journal/<run>/``
-(one small JSON file per event), which ``lds summary`` and the tests read as the store's counters.
+Every store has a run journal (``store.journal``, in ``journal.py``); verifying, following lineage and
+releasing are in ``maintenance.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import numpy as np
 from pipeline import __version__
 from pipeline.errors import LdsError
 from pipeline.hashing import sha256_bytes
+from pipeline.store.journal import Journal
 
 ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ITEMS = "items"
 METADATA = "zarr.json"
-JOURNAL = ".journal"
-RUN_ENV = "LDS_RUN"  # names the run a journal record belongs to (the Snakefile sets it per workflow run)
 # a write that fails for these reasons fails for every item: a full disk or quota, a read-only or forbidden folder
 UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -69,7 +68,7 @@ def array_checksum(data: np.ndarray) -> str:
 def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dict] | None = None) -> None:
     """Write arrays into a zarr group; names may contain '/' to nest them in sub-groups. Every chunk is
     stored, even one of fill values, and ends with a crc32c that is checked when it is read."""
-    from pipeline.integrity import checksum_codecs
+    from pipeline.store.integrity import checksum_codecs
 
     for path, attrs in (group_attrs or {}).items():
         sub = group.require_group(path) if path else group
@@ -95,11 +94,6 @@ def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dic
         array.attrs.update({**spec.attrs, "sha256": array_checksum(data)})
 
 
-def current_run() -> str:
-    """The run journal records are filed under: $LDS_RUN, or 'manual' for stages run by hand."""
-    return os.environ.get(RUN_ENV) or "manual"
-
-
 class Store:
     """A folder of artifacts on any fsspec file system, addressed by (stage, key)."""
 
@@ -107,42 +101,45 @@ class Store:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
-        from pipeline.integrity import check_chunks_on_read
+        from pipeline.store.integrity import check_chunks_on_read
 
         check_chunks_on_read()
         text = os.path.expanduser(str(root))
         self.fs, self.base = fsspec.core.url_to_fs(text)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = self.base if self.local else text.rstrip("/")
+        self.journal = Journal(self)
 
     # -- locations ---------------------------------------------------------------------------------
-    def _join(self, *parts: str) -> str:
+    def join(self, *parts: str) -> str:
+        """A path under the root on this store's file system."""
         return "/".join([self.base.rstrip("/"), *parts])
 
-    def _fs_path(self, ref: ArtifactRef) -> str:
-        return self._join(ref.stage, f"{ref.key}.zarr")
+    def fs_path(self, ref: ArtifactRef) -> str:
+        """Where a published artifact lives on this store's file system."""
+        return self.join(ref.stage, f"{ref.key}.zarr")
 
     def _location(self, fs_path: str) -> str:
         return fs_path if self.local else self.fs.unstrip_protocol(fs_path)
 
     def path(self, ref: ArtifactRef) -> str:
         """Where a published artifact lives: a local path, or a URL zarr and xarray open directly."""
-        return self._location(self._fs_path(ref))
+        return self._location(self.fs_path(ref))
 
     def partial_path(self, ref: ArtifactRef) -> str:
-        return self._location(self._fs_path(ref) + ".partial")
+        return self._location(self.fs_path(ref) + ".partial")
 
     def local_folder(self, name: str) -> Path:
         """A local folder for files that must be on disk (converted weights): in the store when it
         is local, else under ~/.cache/lds."""
-        return Path(self._join(name)) if self.local else Path.home() / ".cache" / "lds" / name
+        return Path(self.join(name)) if self.local else Path.home() / ".cache" / "lds" / name
 
     def exists(self, ref: ArtifactRef) -> bool:
         """True when the artifact is published (complete); cheap, opens nothing."""
-        return self.fs.isfile(f"{self._fs_path(ref)}/{METADATA}")
+        return self.fs.isfile(f"{self.fs_path(ref)}/{METADATA}")
 
     def ensure_writable(self) -> None:
-        probe = self._join(f".write-probe-{uuid.uuid4().hex}")
+        probe = self.join(f".write-probe-{uuid.uuid4().hex}")
         try:
             self.fs.makedirs(self.base, exist_ok=True)
             self.fs.pipe_file(probe, b"")
@@ -182,16 +179,16 @@ class Store:
         """The published artifact as a read-only zarr group."""
         if not self.exists(ref):
             raise LdsError(f"artifact {ref.stage}/{ref.key} is not in store {self.root}; run its stage first")
-        return self.open_group(self._fs_path(ref))
+        return self.open_group(self.fs_path(ref))
 
     def attrs(self, ref: ArtifactRef) -> dict[str, Any]:
         """Root attributes of a published artifact, read straight from its metadata file."""
-        return json.loads(self.fs.cat_file(f"{self._fs_path(ref)}/{METADATA}")).get("attributes", {})
+        return json.loads(self.fs.cat_file(f"{self.fs_path(ref)}/{METADATA}")).get("attributes", {})
 
     # -- small files beside the artifacts (checkpoints) --------------------------------------------
     def write_file(self, relative: str, data: bytes) -> None:
         """Write bytes under the root, whole or not at all (temporary name, then a move)."""
-        final = self._join(relative)
+        final = self.join(relative)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         with self.writing(relative):
             self.fs.makedirs(self.fs._parent(final), exist_ok=True)
@@ -200,11 +197,11 @@ class Store:
 
     def read_file(self, relative: str) -> bytes | None:
         """Bytes of a file under the root, or None when there is none."""
-        path = self._join(relative)
+        path = self.join(relative)
         return self.fs.cat_file(path) if self.fs.isfile(path) else None
 
     def delete_file(self, relative: str) -> None:
-        path = self._join(relative)
+        path = self.join(relative)
         if self.fs.isfile(path):
             self.fs.rm_file(path)
 
@@ -212,7 +209,7 @@ class Store:
     def lock(self, ref: ArtifactRef) -> ContextManager[None]:
         """Hold an exclusive lock on a key, so two local processes never write the same artifact."""
         self.ensure_writable()
-        return self._file_lock(self._join(ref.stage, f"{ref.key}.lock")) if self.local else nullcontext()
+        return self._file_lock(self.join(ref.stage, f"{ref.key}.lock")) if self.local else nullcontext()
 
     @staticmethod
     @contextmanager
@@ -239,38 +236,10 @@ class Store:
             self.fs.copy(file, target + file[len(source):])
         self.fs.rm(source, recursive=True)
 
-    # -- journal: the store's counters ------------------------------------------------------------
-    def record(self, event: str, ref: ArtifactRef, item: str = "", **fields: Any) -> None:
-        """File one journal event (computed, reused, resumed, failed) for an item or a whole artifact."""
-        record = {"event": event, "stage": ref.stage, "key": ref.key, "item": item, "run": current_run(),
-                  "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields}
-        name = f"{ref.stage}.{ref.key}.{item or '-'}.{event}.{uuid.uuid4().hex[:12]}.json"
-        folder = self._join(JOURNAL, record["run"])
-        with self.writing(f"its journal ({JOURNAL}/{record['run']})"):
-            self.fs.makedirs(folder, exist_ok=True)
-            self.fs.pipe_file(f"{folder}/{name}", json.dumps(record).encode())
-
-    def runs(self) -> list[str]:
-        """Runs that have journal records, oldest first."""
-        folder = self._join(JOURNAL)
-        if not self.fs.isdir(folder):
-            return []
-        entries = sorted(self.fs.ls(folder, detail=True), key=lambda e: (e.get("mtime") or 0, e["name"]))
-        return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
-
-    def records(self, run: str | None = None) -> list[dict[str, Any]]:
-        """Journal records of one run (every run when None)."""
-        pattern = self._join(JOURNAL, run or "*", "*.json")
-        return [json.loads(self.fs.cat_file(path)) for path in sorted(self.fs.glob(pattern))]
-
-    def remove_run(self, run: str) -> None:
-        """Delete one run's journal records (the artifacts they describe stay)."""
-        self.fs.rm(self._join(JOURNAL, run), recursive=True)
-
-    # -- housekeeping ------------------------------------------------------------------------------
+    # -- what is stored, and unpublishing --------------------------------------------------------
     def artifacts(self) -> list[ArtifactRef]:
         """Every published artifact, sorted by stage and key."""
-        found = self.fs.glob(self._join("*", f"*.zarr/{METADATA}"))
+        found = self.fs.glob(self.join("*", f"*.zarr/{METADATA}"))
         refs = []
         for path in found:
             stage, folder = path.split("/")[-3:-1]
@@ -280,89 +249,23 @@ class Store:
 
     def partials(self) -> list[ArtifactRef]:
         """Artifacts begun and not yet published (they resume on the next run)."""
-        found = self.fs.glob(self._join("*", "*.zarr.partial"))
+        found = self.fs.glob(self.join("*", "*.zarr.partial"))
         return sorted(ArtifactRef(p.split("/")[-2], p.split("/")[-1][: -len(".zarr.partial")]) for p in found)
 
     def size(self, ref: ArtifactRef) -> int:
-        return int(self.fs.du(self._fs_path(ref)))
-
-    def verify(self, ref: ArtifactRef) -> list[str]:
-        """Problems found in a published artifact: missing marker or items, missing or damaged chunks
-        (their crc32c), wrong checksums of whole arrays."""
-        from pipeline.integrity import CorruptArtifact
-
-        problems: list[str] = []
-        try:
-            attrs = self.attrs(ref)
-        except (OSError, ValueError) as error:
-            return [f"unreadable metadata: {error}"]
-        if attrs.get("complete") is not True:
-            problems.append("not marked complete")
-        if attrs.get("released"):  # its arrays were deleted on purpose after use: nothing left to check
-            return problems
-        group = self.open(ref)
-        listed = attrs.get("items", [])
-        present = set(group[ITEMS].group_keys()) if ITEMS in group else set()
-        problems += [f"item {item} listed but missing" for item in listed if item not in present]
-        for name, array in walk_arrays(group):
-            try:
-                data = array[...]
-            except CorruptArtifact as error:
-                problems.append(f"{name}: chunk {error.chunk} {error.reason}")
-                continue
-            except Exception as error:  # zarr raises many kinds on damaged metadata
-                problems.append(f"{name}: unreadable ({type(error).__name__}: {error})")
-                continue
-            expected = array.attrs.get("sha256")
-            if expected is None:
-                problems.append(f"{name}: no stored checksum")
-            elif array_checksum(data) != expected:
-                problems.append(f"{name}: checksum mismatch")
-        return problems
-
-    def reachable(self, roots: Iterable[ArtifactRef]) -> set[ArtifactRef]:
-        """The given artifacts and, transitively, every input they were made from."""
-        seen: set[ArtifactRef] = set()
-        stack = list(roots)
-        while stack:
-            ref = stack.pop()
-            if ref in seen or not self.exists(ref):
-                continue
-            seen.add(ref)
-            stack += [ArtifactRef(i["stage"], i["key"]) for i in self.attrs(ref).get("inputs", [])]
-        return seen
+        return int(self.fs.du(self.fs_path(ref)))
 
     def remove(self, ref: ArtifactRef) -> None:
         """Remove a published artifact: unpublished first (moved away, or its zarr.json deleted), so
         readers never see half of it."""
-        path = self._fs_path(ref)
+        path = self.fs_path(ref)
         if self.local:
-            doomed = self._join(ref.stage, f".{ref.key}.zarr.removing-{uuid.uuid4().hex}")
+            doomed = self.join(ref.stage, f".{ref.key}.zarr.removing-{uuid.uuid4().hex}")
             os.rename(path, doomed)
             path = doomed
         else:
             self.fs.rm_file(f"{path}/{METADATA}")
         self.fs.rm(path, recursive=True)
-
-    def release(self, ref: ArtifactRef, why: str) -> int:
-        """Delete the arrays of a published artifact's items once they have been used, keeping its
-        metadata (attributes, inputs, items and their attributes), so later stages still find its lineage
-        and provenance. The root attribute ``released`` (when, why) is set first, so an interrupted
-        release never passes for a whole artifact; a stage asking for it makes it again. Returns the
-        bytes freed (0 when it was released already)."""
-        if "released" in self.attrs(ref):
-            return 0
-        before, path = self.size(ref), self._fs_path(ref)
-        metadata = json.loads(self.fs.cat_file(f"{path}/{METADATA}"))
-        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        metadata.setdefault("attributes", {})["released"] = {"time": when, "why": why}
-        self.write_file(f"{ref.stage}/{ref.key}.zarr/{METADATA}", json.dumps(metadata, indent=2).encode())
-        for item in self.fs.ls(f"{path}/{ITEMS}", detail=True):
-            if item["type"] == "directory":
-                for entry in self.fs.ls(item["name"], detail=False):
-                    if entry.rstrip("/").rsplit("/", 1)[-1] != METADATA:
-                        self.fs.rm(entry, recursive=True)
-        return before - self.size(ref)
 
 
 def walk_arrays(group, prefix: str = ""):
@@ -377,8 +280,8 @@ class ArtifactWriter:
 
     def __init__(self, store: Store, ref: ArtifactRef, attrs: dict[str, Any], inputs: list[ArtifactRef]):
         self.store, self.ref = store, ref
-        self.partial = store._fs_path(ref) + ".partial"
-        self.tmp_root = store._join(".tmp")
+        self.partial = store.fs_path(ref) + ".partial"
+        self.tmp_root = store.join(".tmp")
         self.what = f"{ref.stage}/{ref.key}"
         resuming = store.fs.isfile(f"{self.partial}/{METADATA}")
         with store.writing(self.what):
@@ -448,5 +351,5 @@ class ArtifactWriter:
             else:
                 if self.store.exists(self.ref):  # made again after its arrays were released: this one replaces it
                     self.store.remove(self.ref)
-                self.store.move_tree(self.partial, self.store._fs_path(self.ref))
+                self.store.move_tree(self.partial, self.store.fs_path(self.ref))
         return self.store.path(self.ref)
