@@ -8,11 +8,14 @@ job); a stage's images per hour are its images over the seconds of its jobs summ
 process start, model build and every image of a shard), and over the seconds the stages log themselves
 ("made ... (N items in S s)": model build and images, without the process start and imports); the
 run's images per hour come from its wall time. Jobs of one stage overlap under --cores 2, so their summed seconds grow when they share the
-cores; the wall time shows what the parallel shards gain. The load average before and after each run
-is reported: other work on the machine slows every number.
+cores; the wall time shows what the parallel shards gain. Core-seconds per image (the jobs' CPU time,
+which sharing the cores does not inflate) are what the stages cost against the floor of one backbone
+forward per image (benchmarks/bench_storage.py). The load average before and after each run is
+reported: other work on the machine slows every number.
 
     python benchmarks/bench_workflow.py                        # 12 images, 4 shards, both models
     lds bench workflow -- --images 8 --models tiny-vit --cores 1,2,4
+    lds bench workflow -- --dataset folder:PHOTOS --images 240 --per-shard 60 --models dinov2-s14-imgfocus --cores 2
 """
 
 from __future__ import annotations
@@ -41,25 +44,27 @@ def load() -> str:
     return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def workflow_config(images: int, per_shard: int, model: str, solver: str, steps: int) -> dict:
+def workflow_config(images: int, per_shard: int, model: str, solver: str, steps: int, dataset: str | None) -> dict:
+    """``dataset``: a dataset spec whose first ``images`` images are used (default: synthetic-shapes:IMAGES)."""
+    data = {"spec": dataset, "max_images": images} if dataset else {"spec": f"synthetic-shapes:{images}"}
     return {
         "store": "store",
         "results": "results",
-        "datasets": {DATASET: {"spec": f"synthetic-shapes:{images}", "images_per_shard": per_shard}},
+        "datasets": {DATASET: data | {"images_per_shard": per_shard}},
         "models": [model],
         "solve": {"solver": solver, "steps": steps, "graph": "kq"},  # one run per model: its stages' seconds
         "decode": {"clusters": 6, "instances": True},
     }
 
 
-def stage_seconds(results: Path, model: str) -> dict[str, list[float]]:
-    """Seconds of every job of each stage, from the rules' benchmark TSVs."""
+def stage_seconds(results: Path, model: str, column: str = "s") -> dict[str, list[float]]:
+    """Seconds (``column`` s) or core-seconds (cpu_time) of every job of each stage, from the rules' benchmark TSVs."""
     root = results / "benchmarks" / DATASET / model
     seconds: dict[str, list[float]] = {}
     for path in sorted(root.rglob("*.tsv")):
         with path.open() as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        seconds.setdefault(path.stem, []).extend(float(row["s"]) for row in rows)
+        seconds.setdefault(path.stem, []).extend(float(row[column]) for row in rows)
     return seconds
 
 
@@ -72,14 +77,15 @@ def logged_seconds(results: Path) -> dict[str, float]:
     return seconds
 
 
-def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps: int, keep: Path | None) -> dict:
+def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps: int, keep: Path | None,
+        dataset: str | None = None) -> dict:
     """One fresh workflow run; its wall time and every stage's job seconds."""
     with tempfile.TemporaryDirectory(prefix=f"lds-bench-{model}-{cores}-") as scratch:
         workdir = keep / f"{model}-cores{cores}" if keep else Path(scratch)
         if (workdir / "results").exists():
             sys.exit(f"{workdir} holds an earlier run; give --keep an empty folder")
         (workdir / "config").mkdir(parents=True, exist_ok=True)
-        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(workflow_config(images, per_shard, model, solver, steps)))
+        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(workflow_config(images, per_shard, model, solver, steps, dataset)))
         command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
         before = load()
         started = time.perf_counter()
@@ -88,7 +94,8 @@ def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps:
         if done.returncode != 0:
             sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
         return {"model": model, "cores": cores, "images": images, "wall_s": wall, "load_before": before,
-                "load_after": load(), "stages": stage_seconds(workdir / "results", model), "logged": logged_seconds(workdir / "results")}
+                "load_after": load(), "stages": stage_seconds(workdir / "results", model),
+                "core_seconds": stage_seconds(workdir / "results", model, "cpu_time"), "logged": logged_seconds(workdir / "results")}
 
 
 def per_hour(images: int, seconds: float) -> str:
@@ -96,22 +103,28 @@ def per_hour(images: int, seconds: float) -> str:
 
 
 def markdown(runs: list[dict], cores: list[int]) -> str:
-    """One table: per model, a row per stage (job and in-stage seconds summed, images per hour) and the whole run."""
-    header = ["model", "stage"] + [f"{what}, --cores {c}" for c in cores for what in ("jobs: s, images/h", "in stage: s, images/h")]
+    """One table: per model, a row per stage (job and in-stage seconds summed, images per hour, the jobs'
+    core-seconds per image) and the whole run."""
+    columns = ("jobs: s, images/h", "in stage: s, images/h", "core-s/image")
+    header = ["model", "stage"] + [f"{what}, --cores {c}" for c in cores for what in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by = {(r["model"], r["cores"]): r for r in runs}
     for model in dict.fromkeys(r["model"] for r in runs):
         first = by[model, cores[0]]
-        for stage in [s for s in STAGES if s in first["stages"]]:
+        images = first["images"]
+        stages = [s for s in STAGES if s in first["stages"]] + sorted(set(first["stages"]) - set(STAGES))
+        for stage in stages:
             cells = []
             for c in cores:
                 for seconds in (sum(by[model, c]["stages"].get(stage, [])), by[model, c]["logged"].get(stage, 0.0)):
-                    cells.append(f"{seconds:.1f} s, {per_hour(first['images'], seconds)}")
+                    cells.append(f"{seconds:.1f} s, {per_hour(images, seconds)}")
+                cells.append(f"{sum(by[model, c]['core_seconds'].get(stage, [])) / images:.2f}")
             jobs = len(first["stages"][stage])
             lines.append(f"| {model} | {stage} ({jobs} job{'s' * (jobs > 1)}) | " + " | ".join(cells) + " |")
         cells = []
         for c in cores:
-            cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(first['images'], by[model, c]['wall_s'])}", ""]
+            total = sum(sum(seconds) for seconds in by[model, c]["core_seconds"].values())
+            cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(images, by[model, c]['wall_s'])}", "", f"{total / images:.2f}"]
         speedups = ", ".join(f"--cores {c}: {first['wall_s'] / by[model, c]['wall_s']:.2f}x" for c in cores[1:])
         lines.append(f"| {model} | **whole run** (speed-up {speedups}) | " + " | ".join(cells) + " |")
     loads = "; ".join(f"{r['model']} --cores {r['cores']}: {r['load_before']} -> {r['load_after']}" for r in runs)
@@ -120,7 +133,8 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=12, help="synthetic-shapes images")
+    parser.add_argument("--images", type=int, default=12, help="synthetic-shapes images, or the first N of --dataset")
+    parser.add_argument("--dataset", default=None, help="a dataset spec (e.g. folder:PATH) instead of synthetic-shapes")
     parser.add_argument("--per-shard", type=int, default=3, help="images per shard")
     parser.add_argument("--models", default="tiny-vit,vit-s16-random", help="comma-separated `lds models` names")
     parser.add_argument("--cores", default="1,2", help="comma-separated --cores values; speed-ups are against the first")
@@ -133,7 +147,7 @@ def main() -> None:
     runs = []
     for model in args.models.split(","):
         for c in cores:
-            runs.append(run(args.images, args.per_shard, model, c, args.solver, args.steps, args.keep))
+            runs.append(run(args.images, args.per_shard, model, c, args.solver, args.steps, args.keep, args.dataset))
             print(f"{model} --cores {c}: {runs[-1]['wall_s']:.1f} s (load {runs[-1]['load_after']})", file=sys.stderr)
     table = markdown(runs, cores)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,22 +57,20 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
 def extract_attention(model: torch.nn.Module, image: torch.Tensor, patch_size: int) -> list[LayerAttention]:
     """Run the model once and return Q, K, V of every layer, class and register tokens removed.
 
-    Forward pre-hooks read each attention module's input and recompute its projections exactly as
-    timm does (fused qkv, then q/k norms), so the model's own output is untouched.
+    Forward hooks read each attention module's fused qkv projection as the module computes it and apply
+    its q/k norms as timm does, so the model's own output is untouched and nothing is computed twice.
     """
     captured: dict[str, tuple[torch.Tensor, ...]] = {}
 
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0]
-            batch, tokens, _ = x.shape
-            qkv = module.qkv(x).reshape(batch, tokens, 3, module.num_heads, module.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    def hook_for(name: str, module: torch.nn.Module):
+        def hook(projection, args, qkv):
+            batch, tokens, _ = qkv.shape
+            q, k, v = qkv.reshape(batch, tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             captured[name] = (module.q_norm(q), module.k_norm(k), v)
 
         return hook
 
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in attention_modules(model)]
+    handles = [module.qkv.register_forward_hook(hook_for(name, module)) for name, module in attention_modules(model)]
     try:
         model(image)
     finally:

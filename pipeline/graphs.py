@@ -14,13 +14,14 @@ and one of two normalisations:
   i.e. eigenvalue 0 of the symmetric normalised Laplacian I - N.
 
 Graphs are produced in row blocks, so a caller can hold a whole graph (``graph_sets``), only the sum
-over graphs (the exact solver), or never more than one block (``apply_symmetrised``).
+over graphs (the exact solver), never more than one block (``apply_symmetrised``), or one image's
+graphs built once for all their uses (``GraphCache``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from pipeline.extract import LayerAttention
 from pipeline.solver_params import GraphOptions
 
 BLOCK_ELEMENTS = 1 << 24  # entries of one row block over all heads (64 MiB in float32)
+CACHE_BYTES = 1 << 30  # one image's graphs and layer sums kept (DINOv2 ViT-S/14 at 448 px: all of them, 0.4-0.9 GiB)
+
+Block = tuple[slice, torch.Tensor, torch.Tensor | None]  # rows, block (heads, rows, N), sqrt-degree or None
 
 
 @dataclass
@@ -91,8 +95,7 @@ def head_names(layer: LayerAttention, options: GraphOptions) -> list[str]:
     return [f"{layer.name}/head{h}" for h in heads]
 
 
-def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu"
-               ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu") -> Iterator[Block]:
     """(rows, block (heads, rows, N), sqrt-degree (heads, N) or None) covering every row of the graphs."""
     heads = layer.heads
     size = layer.grid[0] * layer.grid[1]
@@ -133,15 +136,49 @@ def graph_sets(layers: list[LayerAttention], options: GraphOptions, device: str 
     ]
 
 
-def summed_symmetrised(layer: LayerAttention, options: GraphOptions, device: str = "cpu") -> torch.Tensor:
-    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, built one row block at a time."""
+class GraphCache:
+    """One image's graphs as the exact solver, its measure and the single-layer embeddings use them
+    (layers as ``select(…, options)`` returns them): each layer's row blocks and its summed symmetrised
+    graph, built once and kept while all kept stay within ``budget`` bytes; beyond it, built each time."""
+
+    def __init__(self, options: GraphOptions, device: str = "cpu", budget: int = CACHE_BYTES):
+        self.options = options
+        self.device = device
+        self.budget = budget
+        self.blocks: dict[str, list[Block]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def fits(self, nbytes: int) -> bool:
+        kept = sum(block.nbytes for blocks in self.blocks.values() for _, block, _ in blocks)
+        return kept + sum(summed.nbytes for summed in self.sums.values()) + nbytes <= self.budget
+
+    def row_blocks(self, layer: LayerAttention) -> Iterable[Block]:
+        """``row_blocks`` of ``layer`` under this cache's options."""
+        if layer.name not in self.blocks:
+            built = row_blocks(layer, self.options, self.device)
+            if not self.fits(4 * layer.heads * (layer.grid[0] * layer.grid[1]) ** 2):
+                return built
+            self.blocks[layer.name] = list(built)
+        return self.blocks[layer.name]
+
+    def summed_symmetrised(self, layer: LayerAttention) -> torch.Tensor:
+        """``summed_symmetrised`` of ``layer`` under this cache's options, from its row blocks."""
+        if layer.name not in self.sums:
+            summed = summed_symmetrised(layer, self.options, self.device, self.row_blocks(layer))
+            if not self.fits(summed.nbytes):
+                return summed
+            self.sums[layer.name] = summed
+        return self.sums[layer.name]
+
+
+def summed_symmetrised(layer: LayerAttention, options: GraphOptions, device: str = "cpu",
+                       blocks: Iterable[Block] | None = None) -> torch.Tensor:
+    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, from its row blocks (built if not given)."""
     size = layer.grid[0] * layer.grid[1]
     total = torch.zeros(size, size, dtype=torch.float64, device=device)
-    for rows, block, _ in row_blocks(layer, options, device):
-        summed = block.sum(0).double()
-        total[rows] += summed / 2
-        total[:, rows] += summed.T / 2
-    return total
+    for rows, block, _ in row_blocks(layer, options, device) if blocks is None else blocks:
+        total[rows] = block.sum(0)
+    return (total + total.T) / 2
 
 
 def apply_symmetrised(layer: LayerAttention, options: GraphOptions, vectors: torch.Tensor) -> torch.Tensor:

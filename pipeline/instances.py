@@ -137,22 +137,30 @@ def border_rule(masks: np.ndarray) -> np.ndarray:
 def balanced_silhouette(masks: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Silhouette score of each proposal (n, tokens) against a background of the same size: the
     non-proposal tokens nearest to the proposal in feature space (fewer when fewer are left). The score
-    is the mean silhouette over the proposal's and the background's tokens (0 for a group of one)."""
+    is the mean silhouette over the proposal's and the background's tokens (0 for a group of one).
+
+    Every token's summed distance to each proposal (and to each background) is one matrix product."""
     from scipy.spatial.distance import cdist
 
     distance = cdist(features, features).astype(np.float32)
-    scores = np.empty(len(masks))
-    for i, mask in enumerate(masks):
-        inside, outside = np.flatnonzero(mask), np.flatnonzero(~mask)
-        nearest = distance[np.ix_(outside, inside)].min(1)
-        background = outside[np.argsort(nearest, kind="stable")[: len(inside)]]
-        groups = (inside, background)
+    inside = masks.astype(bool)
+    background = np.zeros_like(inside)
+    for mask, chosen in zip(inside, background):
+        outside = np.flatnonzero(~mask)
+        nearest = distance[mask].min(0)[outside]  # rows for columns: the distances are symmetric
+        chosen[outside[np.argsort(nearest, kind="stable")[: mask.sum()]]] = True
+    exact = distance.astype(np.float64)
+    to_inside, to_background = exact @ inside.T, exact @ background.T  # (token, proposal) summed distances
+    scores = np.empty(len(inside))
+    for i, groups in enumerate(zip(inside, background)):
+        summed = (to_inside[:, i], to_background[:, i])
         values = []
-        for own, other in (groups, groups[::-1]):
-            within = distance[np.ix_(own, own)].sum(1) / max(len(own) - 1, 1)
-            between = distance[np.ix_(own, other)].mean(1)
+        for own, other in ((0, 1), (1, 0)):
+            members, size, other_size = groups[own], groups[own].sum(), groups[other].sum()
+            within = summed[own][members] / max(size - 1, 1)
+            between = summed[other][members] / other_size
             silhouette = (between - within) / np.maximum(np.maximum(between, within), 1e-12)
-            values.append(silhouette if len(own) > 1 else np.zeros(len(own)))
+            values.append(silhouette if size > 1 else np.zeros(size))
         scores[i] = float(np.concatenate(values).mean())
     return scores
 

@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from pipeline.errors import LdsError
 from pipeline.extract import LayerAttention
-from pipeline.graphs import GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised
+from pipeline.graphs import (
+    GraphCache, GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised,
+)
 from pipeline.solver_params import GraphOptions, SolverParams, resolve_accumulate
 
 DENSE_LIMIT = 4096  # tokens (64 x 64): above this the exact solver applies graphs from Q and K
@@ -242,8 +244,9 @@ class ExactOperator:
 
     @classmethod
     def from_layers(cls, layers: list[LayerAttention], options: GraphOptions, device: str = "cpu",
-                    dense_limit: int = DENSE_LIMIT) -> ExactOperator:
-        """From stored Q/K/V: graphs summed one layer at a time, or streamed when N > ``dense_limit``."""
+                    dense_limit: int = DENSE_LIMIT, cache: GraphCache | None = None) -> ExactOperator:
+        """From stored Q/K/V: graphs summed one layer at a time (from ``cache`` if given), or streamed
+        when N > ``dense_limit``."""
         chosen = select(layers, options)
         dense: dict[tuple[int, int], torch.Tensor] = {}
         streamed = []
@@ -251,7 +254,7 @@ class ExactOperator:
             if layer.grid[0] * layer.grid[1] > dense_limit:
                 streamed.append(layer)
                 continue
-            summed = summed_symmetrised(layer, options, device)
+            summed = cache.summed_symmetrised(layer) if cache else summed_symmetrised(layer, options, device)
             dense[layer.grid] = dense[layer.grid] + summed if layer.grid in dense else summed
         grid = max((layer.grid for layer in chosen), key=lambda g: g[0] * g[1])
         return cls(grid, dense, streamed, options)
@@ -266,8 +269,10 @@ class ExactOperator:
         return out
 
 
-def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams) -> tuple[np.ndarray, np.ndarray]:
-    """The ``params.channels`` leading eigenvectors U (m, H, W) and eigenvalues of the combined operator."""
+def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams, tol: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``params.channels`` leading eigenvectors U (m, H, W) and eigenvalues of the combined operator,
+    to relative accuracy ``tol`` (eigsh's; 0: machine precision)."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     if not isinstance(operator, ExactOperator):
@@ -280,29 +285,31 @@ def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams) 
         return operator(v).cpu().numpy()
 
     linear = LinearOperator((size, size), matvec=apply, matmat=apply, dtype=np.float64)
-    values, vectors = eigsh(linear, k=params.channels, which="LA", v0=np.ones(size))
+    values, vectors = eigsh(linear, k=params.channels, which="LA", v0=np.ones(size), tol=tol)
     order = np.argsort(values)[::-1]
     u = vectors[:, order] * np.sign(vectors[:, order].sum(0, keepdims=True) + 1e-12)
     return u.T.reshape(params.channels, *operator.grid).astype(np.float32), values[order]
 
 
-def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions) -> Solution:
+def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions,
+                   cache: GraphCache | None = None) -> Solution:
     """A Solution from eigenvectors U: X = X_ortho = U (already orthonormal, in eigenvalue order)."""
-    eigenvalues, orthogonality = measure(u, layers, options)
+    eigenvalues, orthogonality = measure(u, layers, options, cache)
     return Solution(u, u.copy(), u.copy(), eigenvalues, orthogonality, np.zeros(0, np.float32),
                     [name for layer in select(layers, options) for name in head_names(layer, options)])
 
 
 @torch.no_grad()
-def measure(x: np.ndarray, layers: list[LayerAttention], options: GraphOptions) -> tuple[np.ndarray, np.ndarray]:
-    """``objective``'s eigenvalue and orthogonality terms, one row block at a time (no graph kept whole)."""
+def measure(x: np.ndarray, layers: list[LayerAttention], options: GraphOptions,
+            cache: GraphCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``objective``'s eigenvalue and orthogonality terms, one row block at a time (``cache``'s if given)."""
     features = torch.from_numpy(np.asarray(x, dtype=np.float32))
     off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool)
     eigenvalues, orthogonality = [], []
     for layer in select(layers, options):
         base = pooled(features, layer.grid)
         eig = z = None
-        for rows, block, scale in row_blocks(layer, options):
+        for rows, block, scale in cache.row_blocks(layer) if cache else row_blocks(layer, options):
             if z is None:
                 z = unit_columns(base[None] if scale is None else scale[:, :, None] * base[None])
                 z = z.expand(block.shape[0], -1, -1)

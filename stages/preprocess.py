@@ -14,7 +14,7 @@ from stages.common import manifest_option, run_stage, store_option
 
 
 @click.command()
-@click.option("--dataset", required=True, help="skimage-samples, folder:PATH, glob:PATTERN, synthetic-shapes:N, coco:ROOT, coco-stuff27:ROOT, cityscapes27:ROOT or voc2012:ROOT (README: Datasets).")
+@click.option("--dataset", required=True, help="skimage-samples, folder:PATH, glob:PATTERN, synthetic-shapes:N, coco:ROOT, coco-stuff27:ROOT, cityscapes27:ROOT or voc2012:ROOT (docs/datasets.md).")
 @click.option("--shard", "shard_index", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True, help="Images per shard.")
 @click.option("--max-images", type=click.IntRange(1), default=None, help="Only the first N images of the dataset's listing (a fixed subset).")

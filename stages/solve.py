@@ -111,16 +111,18 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
                 f"--buffer {buffer}, so once all are buffered no pass sees a new one; extract with more --timesteps")
 
     def compute(item: str):
+        from pipeline.graphs import GraphCache
         from pipeline.layers import layer_xy_r2
         from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
 
         layer_sets = read_layer_sets(images[item])
         every_layer = [layer for layers in layer_sets for layer in layers]
+        cache = GraphCache(options, on)  # each graph built once for the operator, its measure and the layers' own
         u = None
         if solver == "exact" or init == "exact":
-            u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, on), settings)
+            u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, on, cache=cache), settings)
         if solver == "exact":
-            result = exact_solution(u, every_layer, options)
+            result = exact_solution(u, every_layer, options, cache)
         else:
             result = solve_adam(AttentionBuffer.from_layers(layer_sets, settings, on), settings, progress, init=u)
         arrays = {
@@ -132,7 +134,7 @@ def solve(input_manifest, solver, channels, kind, variant, layers, heads, steps,
             "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step (empty for exact)"}),
         }
         # each layer's own spectral embedding (its first attention set): which layers carry position
-        position = layer_xy_r2(layer_sets[0], options, channels, on)
+        position = layer_xy_r2(layer_sets[0], options, channels, on, cache)
         arrays["layer_xy_r2"] = ArraySpec(np.array(list(position.values())), ("layer",), {"description": "X-Y regression R² of each layer's own top eigenvectors"})
         return arrays, {"graphs": result.graph_names, "layers": list(position), "device": on, "attention_sets": len(layer_sets)}, {}
 

@@ -164,6 +164,23 @@ def test_balanced_silhouette_prefers_a_true_object_to_half_of_one():
     assert scores[0] > 0.5 and scores[0] > scores[1]
 
 
+def test_balanced_silhouette_is_the_silhouette_of_each_proposal_and_its_nearest_background():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(40, 3))
+    masks = rng.random((5, 40)) < np.array([0.05, 0.2, 0.4, 0.5, 0.6])[:, None]
+    masks[0] = np.arange(40) == 7  # a proposal of one token
+    distance = np.linalg.norm(features[:, None] - features[None], axis=-1)
+    for mask, score in zip(masks, balanced_silhouette(masks, features)):
+        inside, outside = np.flatnonzero(mask), np.flatnonzero(~mask)
+        background = outside[np.argsort(distance[np.ix_(outside, inside)].min(1), kind="stable")[: len(inside)]]
+        values = []
+        for own, other in ((inside, background), (background, inside)):
+            within = distance[np.ix_(own, own)].sum(1) / max(len(own) - 1, 1)
+            between = distance[np.ix_(own, other)].mean(1)
+            values += list((between - within) / np.maximum(between, within) if len(own) > 1 else np.zeros(len(own)))
+        assert score == pytest.approx(np.mean(values), abs=1e-6)
+
+
 def test_nms_keeps_the_best_of_overlapping_masks_and_at_most_the_limit():
     masks = np.zeros((4, 10, 10), dtype=bool)
     masks[0, :5, :5] = masks[1, :5, :4] = True  # IoU 0.8

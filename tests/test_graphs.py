@@ -9,7 +9,7 @@ import torch
 import pipeline.graphs as graphs
 from pipeline.errors import LdsError
 from pipeline.extract import LayerAttention
-from pipeline.graphs import apply_symmetrised, graph_sets, select, summed_symmetrised
+from pipeline.graphs import GraphCache, apply_symmetrised, graph_sets, row_blocks, select, summed_symmetrised
 from pipeline.solver import objective
 from pipeline.solver_params import GraphOptions
 
@@ -75,6 +75,23 @@ def test_row_blocks_give_the_same_graph_however_small_the_blocks(monkeypatch, va
     vectors = torch.from_numpy(np.random.default_rng(3).normal(size=(25, 3))).float()
     np.testing.assert_allclose(apply_symmetrised(layer, options, vectors).numpy(),
                                (symmetric.float() @ vectors).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["random-walk", "laplacian"])
+def test_graph_cache_builds_each_layer_once_while_within_its_budget(monkeypatch, variant):
+    rng = np.random.default_rng(6)
+    small, large = random_layer("a", rng, heads=2, grid=(3, 4)), random_layer("b", rng, heads=2, grid=(5, 5))
+    options = GraphOptions("kq", variant)
+    expected = {layer.name: (summed_symmetrised(layer, options), graph_sets([layer], options)[0].matrices) for layer in (small, large)}
+    built = []
+    monkeypatch.setattr(graphs, "row_blocks", lambda layer, *args: built.append(layer.name) or row_blocks(layer, *args))
+    cache = GraphCache(options, budget=4 * 2 * 12**2 + 8 * 12**2)  # the small layer's graphs and sum: the large one's do not fit
+    for layer in (small, large, small, large):
+        summed, matrices = expected[layer.name]
+        np.testing.assert_array_equal(cache.summed_symmetrised(layer).numpy(), summed.numpy())
+        np.testing.assert_array_equal(torch.cat([block for _, block, _ in cache.row_blocks(layer)], 1).numpy(), matrices.numpy())
+    assert list(cache.blocks) == list(cache.sums) == ["a"]
+    assert built == ["a", "b", "b", "b", "b"]  # the large layer's graphs are built again each time
 
 
 def test_laplacian_objective_matches_numpy_and_is_differentiable():
