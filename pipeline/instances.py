@@ -10,7 +10,7 @@ suppressed at mask IoU 0.7 (at most 100); proposals scoring below 0 are dropped.
 Beyond the paper (``extended``, on by default): the proposals the border rule drops and those of
 K = 11..15 are ranked after every proposal of the paper's rule (their score is the silhouette minus
 ``EXTENDED_OFFSET``), so they add recall without reordering the paper's proposals; on real COCO
-photographs they raise AR100 by about 4 points (README: Quality on real images).
+photographs they raise AR100 by about 4 points (docs/quality.md).
 Token masks become pixel masks by bilinear upsampling thresholded at one half (smoother than nearest).
 """
 

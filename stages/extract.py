@@ -23,7 +23,7 @@ TIMESTEP_POOL = 20  # Stable Diffusion: attention sets per image, four times lds
 @click.option("--model", "model_name", required=True, help="A registered model (see `lds models`), timm:<name>, hf:<repo_id> or diffusers:<repo_id>.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights: a state dict (.safetensors / .pth), a save_pretrained folder (transformers; diffusers layout for Stable Diffusion), or the .onnx of dinov2-s14-imgfocus.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed of random models; Stable Diffusion: also its timesteps and noise.")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True, help="int8: per channel of each head an int8 value per token and a float32 scale (<array>_scale); about half of float16's bytes, the exact solver's X within 0.9999 of float32's (README: What extract stores).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True, help="int8: per channel of each head an int8 value per token and a float32 scale (<array>_scale); about half of float16's bytes, the exact solver's X within 0.9999 of float32's (docs/models.md: What extract stores).")
 @click.option("--timesteps", type=click.IntRange(1), default=TIMESTEP_POOL, show_default=True, help="Stable Diffusion: the pool of distinct timesteps per image, each with its own noise and stored (a leading timestep axis); lds solve's buffer draws from it, so keep it larger than --buffer.")
 @click.option("--max-timestep", type=click.IntRange(0, 999), default=250, show_default=True, help="Stable Diffusion: timesteps drawn uniformly from 0..this (dataset mode: 300).")
 @click.option("--max-resolution", type=click.IntRange(1), default=None, help="Dataset mode: keep only layers whose grid is this or coarser (32).")
@@ -58,7 +58,7 @@ def extract(input_manifest, model_name, weights, seed, dtype, timesteps, max_tim
     params |= {"upsample_to": upsample_to} if upsample_to else {}
     images = store.open(source)["items"]
     # Q, K, V compress best with zstd level 5 after a byte shuffle (high bytes apart from low), measured on
-    # DINOv2 ViT-S/14 at 448 px: float16 8% smaller than zarr's zstd alone (README: What extract stores)
+    # DINOv2 ViT-S/14 at 448 px: float16 8% smaller than zarr's zstd alone (docs/models.md: What extract stores)
     codecs = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),)
     provenance = spec.provenance() | ({"weights": str(weights)} if weights else {})
 
