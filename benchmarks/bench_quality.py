@@ -55,7 +55,8 @@ def run_configs(coco: str, voc: str, store: str, adam_images: int) -> dict[str, 
         "voc-image": {**base, "datasets": voc_data, "solve": {"solver": "exact", "graph": "kq"}, "decode": {"instances": True}},
         "voc-dataset": {
             **base, "datasets": voc_data, "preprocess": {"mode": "center-crop", "size": 320},
-            "extract": {"max_resolution": 32, "concat_heads": True}, "solve": {"level": "dataset"},
+            # keep: all leaves the raw features for benchmarks/semantic_reference.py
+            "extract": {"max_resolution": 32, "concat_heads": True, "keep": "all"}, "solve": {"level": "dataset"},
             # affordable on 2 CPU cores (docs/solver.md: Dataset-level solver); the paper's 100 epochs at lr 1e-2 take hours
             "solve_dataset": {"graph": "vv", "layers": "block08,block09,block10,block11", "partitions": 2, "epochs": 20, "lr": 0.1, "ema": 0.95},
             "decode": {"instances": False, "dataset_clusters": 21},
