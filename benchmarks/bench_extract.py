@@ -54,7 +54,7 @@ def spec_and_image(case: str):
     import skimage.data
 
     from pipeline.models import ModelSpec, get_spec
-    from pipeline.preprocess import resize_image
+    from pipeline.data.preprocess import resize_image
 
     if case == "hf-vit-s16":
         spec = ModelSpec("hf-vit-s16-random", "", False, CASES[case], 16, 448, family="hf", config=VIT_S16)
@@ -69,7 +69,7 @@ def run_one(case: str, timesteps: int) -> dict:
     """In this process: build the model, time one image's extraction, report memory."""
     import torch
 
-    from pipeline.extract import extract_attention, image_tensor
+    from pipeline.extract.core import extract_attention, image_tensor
     from pipeline.models.build import build_model
 
     spec, rgb = spec_and_image(case)
@@ -81,12 +81,12 @@ def run_one(case: str, timesteps: int) -> dict:
     tracemalloc.start()
     start, cpu = time.perf_counter(), cpu_seconds()
     if spec.family == "diffusers":
-        from pipeline.extract_diffusion import extract_attention_sd, item_generator, sample_timesteps
+        from pipeline.extract.diffusion import extract_attention_sd, item_generator, sample_timesteps
 
         generator = item_generator(0, "coffee")
         layers = extract_attention_sd(model, image, sample_timesteps(timesteps, 250, generator), generator)
     elif spec.family == "hf":
-        from pipeline.extract_hf import extract_attention_hf
+        from pipeline.extract.hf import extract_attention_hf
 
         layers = extract_attention_hf(model, image)
     else:

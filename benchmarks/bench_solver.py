@@ -52,7 +52,7 @@ def planted_layers(layout: str, seed: int = 0):
     """Q/K/V whose attention follows ``planted_regions`` plus noise."""
     from skimage.transform import resize
 
-    from pipeline.extract import LayerAttention
+    from pipeline.extract.core import LayerAttention
 
     regions = planted_regions(layout, seed)
     rng = np.random.default_rng(seed + 1)
@@ -74,10 +74,10 @@ def planted_layers(layout: str, seed: int = 0):
 def vit_s16_layers():
     import skimage.data
 
-    from pipeline.extract import extract_attention, image_tensor
+    from pipeline.extract.core import extract_attention, image_tensor
     from pipeline.models import get_spec
     from pipeline.models.build import build_model
-    from pipeline.preprocess import resize_image
+    from pipeline.data.preprocess import resize_image
 
     spec = get_spec("vit-s16-random")
     rgb, _ = resize_image(skimage.data.coffee(), None, 448, "center-crop", spec.patch_size)
@@ -88,8 +88,8 @@ def run_one(case: str, solver: str, steps: int, channels: int, device: str) -> d
     """In this process: build the inputs, time one solve, report peak RSS."""
     import torch
 
-    from pipeline.solver import AttentionBuffer, ExactOperator, resolve_device, solve_adam, solve_exact
-    from pipeline.solver_params import SolverParams
+    from pipeline.solve.per_image import AttentionBuffer, ExactOperator, resolve_device, solve_adam, solve_exact
+    from pipeline.solve.params import SolverParams
 
     layers = vit_s16_layers() if case == "vit-s16" else planted_layers(CASES[case]["layout"])
     on = resolve_device(device)

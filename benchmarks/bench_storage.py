@@ -65,11 +65,11 @@ def main() -> None:
     from numcodecs import Blosc
     from scipy.linalg import subspace_angles
 
-    from pipeline.extract import LayerAttention, dequantise, extract_attention, image_tensor, quantise
+    from pipeline.extract.core import LayerAttention, dequantise, extract_attention, image_tensor, quantise
     from pipeline.models import get_spec
     from pipeline.models.build import build_model
-    from pipeline.solver import ExactOperator, solve_exact
-    from pipeline.solver_params import GraphOptions, SolverParams
+    from pipeline.solve.per_image import ExactOperator, solve_exact
+    from pipeline.solve.params import GraphOptions, SolverParams
     from pipeline.store import Store
 
     torch.set_num_threads(args.threads)

@@ -28,8 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.decode import upsample_labels  # noqa: E402
-from pipeline.metrics import add_confusion, confusion_matrix, matched_scores  # noqa: E402
+from pipeline.decode.kmeans import upsample_labels  # noqa: E402
+from pipeline.evaluate.metrics import add_confusion, confusion_matrix, matched_scores  # noqa: E402
 from pipeline.store import ArtifactRef, Store  # noqa: E402
 from stages.common import upstream  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from pipeline.consumers import BASELINE_ARRAYS, GRAPH_ARRAYS, ZEROSHOT_ARRAYS, arrays_needed
+from pipeline.extract.consumers import BASELINE_ARRAYS, GRAPH_ARRAYS, ZEROSHOT_ARRAYS, arrays_needed
 from pipeline.data import num_shards, open_dataset
 from pipeline.failures import MAX_FAILED_ENV, parse_max_failed
 from pipeline.models import default_clip_repo, get_spec

@@ -12,10 +12,10 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from pipeline.consumers import ARRAYS, check_stored
+from pipeline.extract.consumers import ARRAYS, check_stored
 from pipeline.errors import ItemError, LdsError, one_line
 from pipeline.failures import DEFAULT_MAX_FAILED, MAX_FAILED_ENV, allowed_failures, parse_max_failed
-from pipeline.hashing import artifact_key
+from pipeline.store.hashing import artifact_key
 from pipeline.models import PROVENANCE_KEYS
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from pipeline.store.maintenance import reachable

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from pipeline.explorer import Explorer, ImageEntry, image_page
+from pipeline.evaluate.explorer import Explorer, ImageEntry, image_page
 from pipeline.store import ArtifactRef, Store
 from stages.common import upstream, write_text_atomic
 from stages.decode import model_caption
@@ -51,8 +51,8 @@ def evaluated_images(artifact: str | None) -> RunImages | None:
 def image_figures(folder: Path, name: str, runs: dict[str, RunImages], title: str) -> list[tuple[str, str]]:
     """Write one image's eigenvector and region figures (a row per graph kind) into ``folder``; their
     (caption, file name)."""
-    from pipeline.figures import ImageView, save_regions_figure, save_what_where_figure, truth_outlines
-    from pipeline.instances import pixel_masks
+    from pipeline.evaluate.figures import ImageView, save_regions_figure, save_what_where_figure, truth_outlines
+    from pipeline.decode.instances import pixel_masks
 
     x_orthos, views, truth = {}, {}, None
     for graph, run in runs.items():
@@ -77,8 +77,8 @@ def build_explorers(results_dir: Path, runs: list[tuple[Path, dict]], relative: 
     """Per dataset x model with runs on a graph kind (``runs``: (metrics.json path, its metrics)): the
     per-layer figure from each run's layers.csv, and a page per image with its figures under
     RESULTS/explorer/<dataset>/<model>/. ``relative``: a path as the index page links it."""
-    from pipeline.figures import save_layer_figure
-    from pipeline.layers import read_layers_csv
+    from pipeline.evaluate.figures import save_layer_figure
+    from pipeline.solve.layers import read_layers_csv
 
     groups: dict[tuple[str, str], dict[str, tuple[Path, dict]]] = {}
     for path, run in runs:

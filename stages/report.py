@@ -3,27 +3,15 @@ and an HTML index page linking every figure and the results explorer."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
 from pipeline.errors import LdsError
+from pipeline.evaluate.report import csv_report, html_index, markdown_report, read_run, run_links
 from stages.common import write_json_atomic, write_text_atomic
 from stages.decode import model_caption
-
-
-def read_run(path: Path) -> dict:
-    """A run's metrics.json, <results>/<dataset>/<run folder>/metrics.json: the dataset named by its folder,
-    the model by the name it records (a folder spells a hub name's "/" as "--"; a baseline's run, in
-    <model folder>+<method>, records its method as ``baseline``; a run on value graphs, in <model folder>@vv,
-    records ``graph``)."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise LdsError(f"cannot read metrics {path} ({error})") from None
-    return {**metrics, "dataset": path.parent.parent.name, "model": metrics.get("model", path.parent.name)}
 
 
 @click.command()
@@ -33,7 +21,6 @@ def report(metrics_files, results_dir):
     """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics, and the
     explorer: per dataset x model a page per image under RESULTS/explorer/ (from the store the runs'
     evaluate artifacts are in) and the per-layer agreement figure."""
-    from pipeline.report import RunLinks, csv_report, html_index, markdown_report, run_name
     from stages.explorer import build_explorers
 
     files = sorted(metrics_files) or sorted(results_dir.glob("*/*/metrics.json"))
@@ -46,16 +33,7 @@ def report(metrics_files, results_dir):
     def relative(path: Path) -> str:
         return Path(os.path.relpath(path.resolve(), root)).as_posix()
 
-    links = []
-    for path, run in zip(files, runs):
-        folder = path.parent
-        sheet = folder / "figures" / "contact-sheet.png"
-        figures = sorted(p for p in (folder / "figures").glob("*.png") if p.name != "contact-sheet.png")
-        links.append(RunLinks(
-            run["dataset"], run_name(run), f"{model_caption(run)}; {run.get('images', '?')} images", relative(path),
-            relative(sheet) if sheet.is_file() else None, [(p.stem, relative(p)) for p in figures],
-            [relative(p) for p in sorted(folder.glob("shard-*/instances.json"))],
-        ))
+    links = [run_links(path, run, model_caption(run), relative) for path, run in zip(files, runs)]
     write_json_atomic(results_dir / "metrics.json", {"runs": runs})
     write_text_atomic(results_dir / "metrics.csv", csv_report(runs))
     write_text_atomic(results_dir / "metrics.md", markdown_report(runs))

@@ -8,7 +8,7 @@ import click
 
 from pipeline.errors import LdsError
 from pipeline.store import ArtifactRef, Store
-from pipeline.summary import summarise, summary_markdown
+from pipeline.evaluate.summary import summarise, summary_markdown
 from stages.common import store_option, write_json_atomic, write_text_atomic
 
 

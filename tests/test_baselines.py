@@ -11,11 +11,11 @@ import pytest
 import scipy.linalg
 from click.testing import CliRunner
 
-from pipeline.baselines import (
-    DENSE_TOKENS, BaselineParams, artifact_tokens, attention_affinity, degenerate_warning, feature_affinity,
-    fill_from_neighbours, foreground, maskcut, ncut_eigenvectors, robust_z, run_baseline,
+from pipeline.solve.baselines import (
+    DENSE_TOKENS, BaselineParams, artifact_tokens, attention_affinity, baseline_image, baseline_settings, degenerate_warning,
+    feature_affinity, fill_from_neighbours, foreground, maskcut, ncut_eigenvectors, robust_z, run_baseline,
 )
-from pipeline.extract import LayerAttention
+from pipeline.extract.core import LayerAttention
 from stages.cli import cli
 
 HEIGHT, WIDTH = 12, 14
@@ -91,7 +91,7 @@ def test_attention_affinity_is_the_mean_symmetrised_softmax():
 @pytest.mark.parametrize("affinity", ["features", "attention"])
 def test_maskcut_finds_the_planted_objects(affinity):
     layer, truth = planted_objects()
-    result = run_baseline(layer, BaselineParams("maskcut", affinity, 15, 3))
+    result = run_baseline(layer, BaselineParams("maskcut", affinity, eigenvectors=15, masks=3, tau=0.2))
     found = {next(c for c in (1, 2, 3) if (mask == (truth == c)).all()) for mask in result.masks if any((mask == (truth == c)).all() for c in (1, 2, 3))}
     assert found == {1, 2, 3} and len(result.masks) == 3
     np.testing.assert_allclose(result.scores, [1, 2 / 3, 1 / 3])
@@ -101,33 +101,33 @@ def test_maskcut_finds_the_planted_objects(affinity):
 def test_maskcut_cuts_the_tokens_left_drops_small_masks_and_tokencut_makes_one():
     layer, truth = planted_objects(seed=4)
     w = np.where(truth.ravel()[:, None] == truth.ravel()[None, :], 1.0, 1e-5)
-    masks = maskcut(w, truth.shape, BaselineParams("maskcut", "features", 4, 5))
+    masks = maskcut(w, truth.shape, BaselineParams("maskcut", "features", eigenvectors=4, masks=5, tau=0.2))
     assert len(masks) == 5 and not np.any(np.sum(masks, axis=0) > 1)  # masks never share a token
     assert {int(np.unique(truth[m])[0]) for m in masks[:3]} == {1, 2, 3}  # one object each, all found
     assert all((m == (truth == truth[m][0])).all() for m in masks[:3])
     assert [m.sum() for m in masks[3:]] == [3, 3]  # the uniform background is cut anywhere ...
-    small = maskcut(w, truth.shape, BaselineParams("maskcut", "features", 4, 5, min_area=0.02))
+    small = maskcut(w, truth.shape, BaselineParams("maskcut", "features", eigenvectors=4, masks=5, tau=0.2, min_area=0.02))
     assert [m.sum() for m in small[3:]] == [0, 0]  # ... into pieces of 3 / 168 tokens: 1.8% of the image
-    tokencut = run_baseline(layer, BaselineParams("tokencut", "features", 8, 1))
+    tokencut = run_baseline(layer, BaselineParams("tokencut", "features", eigenvectors=8, masks=1))
     assert len(tokencut.masks) == 1 and tokencut.x.shape == (8, HEIGHT, WIDTH)
     assert any((tokencut.masks[0] == (truth == c)).all() for c in (1, 2, 3))
 
 
 def test_a_features_graph_joining_every_pair_is_flagged_and_centring_separates_it():
     layer, truth = planted_objects()
-    separated = run_baseline(layer, BaselineParams("tokencut", "features", 4, 1, centre=False))
+    separated = run_baseline(layer, BaselineParams("tokencut", "features", eigenvectors=4, masks=1, centre=False))
     assert 0.5 < separated.edges_above_tau < 0.7  # 54% of the pairs share a planted region, plus noise
     assert degenerate_warning([separated.edges_above_tau], 0.2) is None
     offset = LayerAttention("block00", layer.q, layer.k + 10.0, layer.v, 0.5)  # keys all alike: cosine > 0.2 everywhere
-    alike = run_baseline(offset, BaselineParams("tokencut", "features", 4, 1, centre=False))
+    alike = run_baseline(offset, BaselineParams("tokencut", "features", eigenvectors=4, masks=1, centre=False))
     assert alike.edges_above_tau == 1.0
-    centred = run_baseline(offset, BaselineParams("maskcut", "features", 4, 3))  # the mean key removed
+    centred = run_baseline(offset, BaselineParams("maskcut", "features", eigenvectors=4, masks=3, tau=0.2))  # the mean key removed
     assert centred.edges_above_tau < 0.7
     assert sorted(int(np.unique(truth[m])[0]) for m in centred.masks) == [1, 2, 3]
     assert all((m == (truth == truth[m][0])).all() for m in centred.masks)
     warning = degenerate_warning([separated.edges_above_tau, alike.edges_above_tau, None], 0.2)
     assert warning.startswith("in 1 of 3 images the features graph joins 100% or more") and "--centre" in warning
-    assert run_baseline(layer, BaselineParams("tokencut", "attention", 4, 1)).edges_above_tau is None
+    assert run_baseline(layer, BaselineParams("tokencut", "attention", eigenvectors=4, masks=1)).edges_above_tau is None
 
 
 def test_robust_z_and_artifact_tokens_on_known_values():
@@ -165,16 +165,51 @@ def planted_objects_found(masks: np.ndarray, truth: np.ndarray) -> list[int]:
 def test_high_norm_artifact_tokens_leave_the_graph_and_the_planted_objects_are_found(affinity, seed):
     clean, truth = planted_objects(seed)
     layer = with_artifacts(clean)
-    plain = BaselineParams("tokencut", affinity, 4, 1, artifacts=np.inf)  # no detection
+    plain = BaselineParams("tokencut", affinity, eigenvectors=4, masks=1, artifacts=np.inf)  # no detection
     assert planted_objects_found(run_baseline(layer, plain).masks, truth) == []  # the cut goes to the artifacts
-    tokencut = run_baseline(layer, BaselineParams("tokencut", affinity, 4, 1))
+    tokencut = run_baseline(layer, BaselineParams("tokencut", affinity, eigenvectors=4, masks=1))
     np.testing.assert_array_equal(np.argwhere(tokencut.artifacts), [(0, 7), (6, 8), (11, 9)])
     np.testing.assert_array_equal(tokencut.masks[0], truth == 3)
     assert np.isfinite(tokencut.x).all() and tokencut.x[:, 6, 8].tolist() == tokencut.x[:, 6, 7].tolist()  # filled
-    maskcut_params = BaselineParams("maskcut", affinity, 4, 3)
+    maskcut_params = BaselineParams("maskcut", affinity, eigenvectors=4, masks=3, tau=0.2)
     found = planted_objects_found(run_baseline(layer, maskcut_params).masks, truth)
     missed = planted_objects_found(run_baseline(layer, replace(maskcut_params, artifacts=np.inf)).masks, truth)
     assert len(found) > len(missed) and (affinity == "features" or found == [1, 2, 3])
+
+
+def test_defaults_are_the_methods_values_and_none_takes_the_methods_own():
+    # METHOD.md section 5: m = 15 eigenvectors (TokenCut m = 8); TokenCut's tau 0.2, CutLER's MaskCut's 0.15 and N = 3
+    assert (BaselineParams().method, BaselineParams().affinity, BaselineParams().layer) == ("tokencut", "attention", "-2")
+    tokencut, maskcut_params = BaselineParams().resolved(), BaselineParams(method="maskcut").resolved()
+    assert (tokencut.eigenvectors, tokencut.masks, tokencut.tau) == (8, 1, 0.2)
+    assert (maskcut_params.eigenvectors, maskcut_params.masks, maskcut_params.tau) == (15, 3, 0.15)
+    given = BaselineParams(method="maskcut", eigenvectors=4, masks=2, tau=0.0)
+    assert given.resolved() == given  # what is given stays, a tau of 0 too
+    assert baseline_settings(BaselineParams()) == {
+        "method": "tokencut", "affinity": "attention", "layer": "-2", "eigenvectors": 8, "masks": 1, "tau": 0.2, "centre": True,
+        "artifacts": 5.0, "eps": 1e-5, "min_area": 0.0}
+
+
+def test_baseline_image_cuts_the_chosen_layer_and_stores_it_as_a_solve_would():
+    layer, truth = planted_objects()
+    noise = LayerAttention("block00", *np.random.default_rng(9).normal(size=(3, 1, HEIGHT, WIDTH, 8)), 0.5)
+    layers = [noise, LayerAttention("block01", layer.q, layer.k, layer.v, layer.scale)]
+    params = BaselineParams("tokencut", "features", layer="-1", eigenvectors=4)
+    arrays, attrs = baseline_image(layers, params)
+    direct = run_baseline(layers[1], params)
+    assert set(arrays) == {"X", "X_ortho", "eigenvalues", "proposals", "proposal_scores"}
+    np.testing.assert_array_equal(arrays["X"].data, direct.x)
+    np.testing.assert_array_equal(arrays["X_ortho"].data, direct.x)
+    assert arrays["X"].data.shape == (4, HEIGHT, WIDTH) and np.all(np.diff(arrays["eigenvalues"].data) >= 0)
+    (mask,) = arrays["proposals"].data
+    assert any((mask == (truth == c)).all() for c in (1, 2, 3))  # a planted object, as TokenCut finds it
+    np.testing.assert_array_equal(arrays["proposal_scores"].data, [1.0])
+    assert attrs == {"layer": "block01", "grid": [HEIGHT, WIDTH], "affinity": "features", "artifact_tokens_dropped": 0,
+                     "edges_above_tau": round(direct.edges_above_tau, 4)}
+    by_name, _ = baseline_image(layers, BaselineParams("tokencut", "features", layer="block00", eigenvectors=4))
+    assert not np.array_equal(by_name["X"].data, arrays["X"].data)  # the other layer
+    _, attention = baseline_image(layers, BaselineParams(layer=-1))  # the config may give the index as a number
+    assert attention["layer"] == "block01" and "edges_above_tau" not in attention
 
 
 def lds(*args):

@@ -116,7 +116,7 @@ def test_cluster_reads_the_solve_dataset_x_ortho_not_a_projection_of_x(tmp_path)
 
 
 def test_kmeans_across_per_image_solves_is_scored_under_its_own_name(tmp_path):
-    from pipeline.report import tables
+    from pipeline.evaluate.report import tables
 
     store, decoded, truths = planted_store(tmp_path / "store", solver="solve")
     ref = run_cluster(store, tmp_path, solver="solve")
@@ -152,7 +152,7 @@ def test_lloyd_iterations_on_a_local_cluster_equal_the_local_threads(dask_cluste
     from distributed import Client
 
     from pipeline.dask_compute import dask_scheduler
-    from pipeline.dataset_kmeans import fit_dataset_kmeans
+    from pipeline.decode.dataset_kmeans import fit_dataset_kmeans
 
     rng = np.random.default_rng(1)
     rows = da.from_array(rng.normal(size=(3000, 4)) + np.repeat(rng.normal(size=(5, 4)), 600, axis=0), chunks=(256, 4))
@@ -167,7 +167,7 @@ def test_lloyd_iterations_on_a_local_cluster_equal_the_local_threads(dask_cluste
 
 
 def test_evaluate_on_a_local_cluster_gives_the_same_metrics(tmp_path, dask_cluster):
-    from pipeline.metrics import confusion_matrix, oracle_labels
+    from pipeline.evaluate.metrics import confusion_matrix, oracle_labels
 
     store, decoded, truths = planted_store(tmp_path / "store")
     run_cluster(store, tmp_path)

@@ -13,20 +13,26 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.dataset_solver import (
+from pipeline.errors import LdsError
+from pipeline.extract.core import is_coarse, join_heads
+from pipeline.solve.dataset import (
     DatasetSolver,
     DatasetSolverParams,
     LayerGraph,
     adamw_rows,
-    coarse_layers,
-    concat_heads,
+    dataset_layers,
     dataset_objective,
     dataset_orthogonalise,
     knn_graph,
+    load_checkpoint,
+    pick_layers,
+    read_operands,
+    save_checkpoint,
+    solve_jointly,
     symmetric_part,
 )
-from pipeline.decode import kmeans_labels
-from pipeline.metrics import confusion_matrix, matched_scores
+from pipeline.decode.kmeans import kmeans_labels
+from pipeline.evaluate.metrics import confusion_matrix, matched_scores
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from pipeline.store.maintenance import verify
 from stages.cli import cli
@@ -109,23 +115,19 @@ def test_knn_graph_keeps_every_intra_and_inter_neighbour_above_the_threshold():
     np.testing.assert_allclose(graph, expected, atol=1e-6)
 
 
-def test_concat_heads_and_layer_selection():
+def test_join_heads_and_layer_selection():
     per_head = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
-    joined = concat_heads(per_head)
+    joined = join_heads(per_head)
     assert joined.shape == (3, 4, 10)
     np.testing.assert_array_equal(joined[1, 2], np.concatenate([per_head[0, 1, 2], per_head[1, 1, 2]]))
-    assert concat_heads(joined) is joined
+    assert join_heads(joined) is joined
     grids = {"a": (64, 64), "b": (32, 32), "c": (16, 16), "d": (24, 40)}
-    assert coarse_layers(grids, 32) == ["b", "c"]
-    from stages.solve_dataset import pick_layers
-
+    assert [name for name, grid in grids.items() if is_coarse(grid, 32)] == ["b", "c"]
     assert pick_layers(["b", "c", "e"], None) == ["b", "c", "e"] and pick_layers(["b", "c", "e"], "-1, b,e") == ["e", "b"]
 
 
 def test_read_operands_draws_one_stored_timestep_per_image_for_every_layer(tmp_path):
     import zarr
-
-    from stages.solve_dataset import read_operands
 
     rng = np.random.default_rng(5)
     image = zarr.open_group(tmp_path / "item.zarr", mode="w")
@@ -133,11 +135,11 @@ def test_read_operands_draws_one_stored_timestep_per_image_for_every_layer(tmp_p
         group = image.create_group(f"layers/{name}")
         for part in "qkv":
             group.create_array(part, data=rng.normal(size=(3, 2, 4, 4, 5)).astype(np.float16))
-    operands = read_operands(image, ["mid", "up"], "qk", 4, "img", np.random.default_rng([0, 7, 1]))
+    operands = read_operands(image, ["mid", "up"], "kq", 4, "img", np.random.default_rng([0, 7, 1]))
     timestep = np.random.default_rng([0, 7, 1]).integers(3)
     for name in ("mid", "up"):
-        np.testing.assert_array_equal(operands[name][0], concat_heads(image[f"layers/{name}/q"][timestep]))
-        np.testing.assert_array_equal(operands[name][1], concat_heads(image[f"layers/{name}/k"][timestep]))
+        np.testing.assert_array_equal(operands[name][0], join_heads(image[f"layers/{name}/q"][timestep]))
+        np.testing.assert_array_equal(operands[name][1], join_heads(image[f"layers/{name}/k"][timestep]))
     drawn = {read_operands(image, ["mid"], "vv", 4, "img", np.random.default_rng([0, d, 1]))["mid"][0].tobytes() for d in range(20)}
     assert len(drawn) == 3  # every stored timestep is used
 
@@ -290,8 +292,6 @@ def test_cached_graphs_give_the_same_solution_as_rebuilding_them_every_epoch():
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    from stages.solve_dataset import load_checkpoint, save_checkpoint
-
     data, _ = planted_dataset(6, seed=1)
     params = replace(PLANTED, epochs=2)
     store = Store(f"memory://checkpoints-{tmp_path.name}")  # checkpoints live in the store, wherever it is
@@ -321,6 +321,40 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(resumed.solution(), straight.solution())
     with pytest.raises(ValueError):
         DatasetSolver(5, params).load_state_dict(straight.state_dict())
+
+
+def test_solve_jointly_reads_stored_operands_and_recovers_the_planted_clusters(tmp_path):
+    """`lds solve-dataset`'s work, called directly on extract item groups (values with heads concatenated,
+    as a dataset-mode extract stores them): the layers it reads, the same solution as the solver fed the
+    operands in memory, and the planted clusters back from one K-Means over the dataset's X_ortho."""
+    import zarr
+
+    data, labels = planted_dataset(8)
+    root = zarr.open_group(tmp_path / "items.zarr", mode="w")
+    for i, image in enumerate(data):
+        for layer, (values, _) in image.items():
+            root.create_group(f"img{i}/layers/{layer}").create_array("v", data=values[None])  # (1 head, y, x, features)
+    assert dataset_layers(root["img0"], PLANTED) == ["coarse", "fine"] and dataset_layers(root["img0"], replace(PLANTED, layers="-1")) == ["fine"]
+    assert dataset_layers(root["img0"], replace(PLANTED, resolution=4)) == ["coarse"]
+    with pytest.raises(LdsError, match="extract/e has no attention layer at 2x2 or coarser"):
+        dataset_layers(root["img0"], replace(PLANTED, resolution=2), "extract/e")
+    solution = solve_jointly([(root, f"img{i}") for i in range(8)], ["fine", "coarse"], PLANTED)
+    reference = DatasetSolver(8, PLANTED)
+    reference.train(lambda rows, draw: [{name: (data[r][name][0], data[r][name][0]) for name in ("fine", "coarse")} for r in rows])
+    np.testing.assert_array_equal(solution.x, reference.solution())
+    np.testing.assert_array_equal(solution.x_ortho, dataset_orthogonalise(reference.solution()))
+    assert solution.losses.shape == (PLANTED.epochs, 2) and solution.root_arrays()["losses"].dims == ("epoch", "batch")
+    regions = kmeans_labels(np.concatenate(list(solution.x_ortho), axis=1), CLUSTERS)
+    assert matched_scores(confusion_matrix(labels.reshape(-1, 8).ravel(), regions.ravel(), CLUSTERS, CLUSTERS))["miou"] > 0.9
+    item = solution.item_arrays(5)
+    np.testing.assert_array_equal(item["X_ortho"].data, solution.x_ortho[5])
+    assert item["X"].dims == ("channel", "y", "x") and item["X"].data.shape == (6, 8, 8)
+
+
+def test_the_solver_settings_leave_out_what_is_read_and_where():
+    params = DatasetSolverParams(layers="0,1", device="cpu")
+    assert params.solver_settings() == {**DatasetSolverParams().solver_settings()}  # a checkpoint fits either
+    assert DatasetSolver(2, params).state_dict()["params"] == DatasetSolverParams().solver_settings()
 
 
 # ----------------------------------------------------------------------------------------------- CLI

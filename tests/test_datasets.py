@@ -16,7 +16,7 @@ from pipeline.data.cityscapes import CITYSCAPES_27
 from pipeline.data.coco import COCO_STUFF_27, FINE_TO_COARSE_27
 from pipeline.data.voc import VOC_CLASSES
 from pipeline.errors import LdsError
-from pipeline.preprocess import Geometry, plan, resize_nearest, to_original
+from pipeline.data.preprocess import Geometry, plan, resize_nearest, to_original
 from pipeline.store import ArtifactRef, Store
 from pipeline.store.maintenance import verify
 from stages.cli import cli

@@ -8,14 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
-from pipeline.decode import best_k, kmeans_auto, kmeans_labels, token_features
-from pipeline.instances import (
+from pipeline.decode.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
+from pipeline.decode.kmeans import best_k, kmeans_auto, kmeans_labels, token_features
+from pipeline.decode.instances import (
     ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
     area_within, border_rule, nms, pixel_masks, propose, ward_proposals,
 )
-from pipeline.metrics import confusion_matrix, matched_scores
-from pipeline.preprocess import plan, resize_nearest, to_original
+from pipeline.decode.regions import DecodeParams, decode_image, decode_settings
+from pipeline.evaluate.metrics import confusion_matrix, matched_scores
+from pipeline.data.preprocess import plan, resize_nearest, to_original
 
 HEIGHT, WIDTH = 24, 30
 
@@ -61,16 +62,7 @@ def test_dataset_kmeans_gives_one_cluster_id_per_class_across_images():
     import dask
     import dask.array as da
 
-    # four images share class means, but each shows them in different places and proportions
-    rng = np.random.default_rng(2)
-    means = rng.normal(size=(3, 6)) * 3
-    images, truths = [], []
-    for index in range(4):
-        truth = np.zeros((12, 15), dtype=np.int64)
-        truth[:, : 3 + 2 * index] = 1
-        truth[8 - index :, 9:] = 2
-        images.append(np.moveaxis(means[truth] + rng.normal(size=(12, 15, 6)) * 0.5, -1, 0))
-        truths.append(truth)
+    images, truths = shared_class_images()  # four images share class means, in different places and proportions
     rows = [token_rows(da.from_array(x)) for x in images]
     with dask.config.set(scheduler="sync"):
         projection = dataset_projection(da.concatenate(rows), 4)
@@ -238,7 +230,7 @@ def test_figure_caption_names_the_weights_and_their_source():
 
 
 def test_eigenvector_panels_skip_the_solvers_constant_component_only():
-    from pipeline.figures import eigenvector_panels
+    from pipeline.evaluate.figures import eigenvector_panels
 
     solver = eigenvector_panels(15, first=1)  # component 0 of a solve artifact is near constant
     assert solver == [(f"eigenvectors {a}-{a + 2} as RGB", a) for a in (1, 4, 7, 10)]
@@ -287,3 +279,78 @@ def test_pixel_masks_upsample_smoothly_and_keep_single_tokens():
     smooth = pixel_masks(stairs[None], (40, 40))[0]
     assert not smooth[10, 19] and smooth[9, 10]
     assert abs(int(smooth.sum()) - 10 * 10 * int(stairs.sum())) < 40
+
+
+# ----------------------------------------------------------------------------- the stages' functions
+
+
+def test_decode_image_stores_the_planted_regions_per_token_and_per_pixel():
+    features, truth = planted()
+    arrays, attrs = decode_image(features, (2 * HEIGHT, 2 * WIDTH), DecodeParams(clusters=4))
+    tokens = arrays["labels_tokens"].data
+    assert set(arrays) == {"labels_tokens", "labels"} and attrs == {"clusters": 4}  # no proposals unless asked
+    assert miou(truth, tokens) > 0.9
+    np.testing.assert_array_equal(arrays["labels"].data, np.kron(tokens, np.ones((2, 2), np.int32)))  # nearest, to the pixels
+    auto, chosen = decode_image(features, (HEIGHT, WIDTH), DecodeParams(clusters="auto", seed=1))
+    assert chosen == {"clusters": 4} and miou(truth, auto["labels_tokens"].data) > 0.9
+
+
+def test_decode_image_proposes_objects_or_keeps_the_inputs_own():
+    features, truth = planted()
+    params = DecodeParams(clusters=4, instances=True, extended_proposals=False)
+    arrays, _ = decode_image(features, (HEIGHT, WIDTH), params)
+    masks, scores = propose(features, ProposalParams(extended=False))
+    np.testing.assert_array_equal(arrays["proposals"].data, masks)
+    np.testing.assert_array_equal(arrays["proposal_scores"].data, scores)
+    assert arrays["proposal_scores"].attrs["description"] == "balanced silhouette score per proposal"
+    given = (np.stack([truth == 1, truth == 2]), np.array([1.0, 0.5]))
+    kept, _ = decode_image(features, (HEIGHT, WIDTH), params, given, "maskcut")
+    np.testing.assert_array_equal(kept["proposals"].data, given[0])
+    assert kept["proposals"].chunks == (2, HEIGHT, WIDTH) and kept["proposal_scores"].attrs["description"].startswith("maskcut rank")
+
+
+def test_decode_settings_are_the_artifacts_params():
+    assert decode_settings(DecodeParams()) == {"method": "kmeans", "clusters": 6, "seed": 0, "instances": None}
+    proposals = decode_settings(DecodeParams(clusters="auto", seed=2, instances=True))["instances"]
+    assert proposals == {"ks": tuple(range(2, 11)), "extended": True, "extra_ks": tuple(range(11, 16)), "min_area": 0.01, "max_area": 0.9,
+                         "nms_iou": 0.7, "max_proposals": 100, "min_score": 0.0, "seed": 2}
+    assert decode_settings(DecodeParams(instances=True), "tokencut")["instances"] == {"from_input": "tokencut"}
+
+
+def shared_class_images(seed: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Four images (channel, y, x) whose three classes share their feature means, in different places."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(3, 6)) * 3
+    images, truths = [], []
+    for index in range(4):
+        truth = np.zeros((12, 15), dtype=np.int64)
+        truth[:, : 3 + 2 * index] = 1
+        truth[8 - index :, 9:] = 2
+        images.append(np.moveaxis(means[truth] + rng.normal(size=(12, 15, 6)) * 0.5, -1, 0))
+        truths.append(truth)
+    return images, truths
+
+
+@pytest.mark.parametrize("dataset_level", [True, False])
+def test_dataset_clustering_finds_the_shared_classes_and_stores_its_model(dataset_level):
+    import dask
+    import dask.array as da
+
+    from pipeline.decode.dataset_kmeans import ClusterParams, DatasetClustering
+
+    images, truths = shared_class_images()
+    items = [f"img{i}" for i in range(4)]
+    by_item = dict(zip(items, images))
+    work = DatasetClustering(ClusterParams(clusters=3), lambda item: da.from_array(by_item[item]), items, dataset_level, channels=6)
+    assert work.settings() == {"method": "kmeans-lloyd", "features": "X_ortho" if dataset_level else "X projected on the dataset's SVD",
+                               "clusters": 3, "components": 3, "iterations": 100, "seed": 0}
+    with dask.config.set(scheduler="sync"):
+        attrs = work.fit()
+        stored = {item: work.image(item, (24, 30)) for item in items}
+    assert attrs == {"basis": "dataset" if dataset_level else "per-image", "clusters_chosen": 3, "kmeans_iterations": work.model.iterations}
+    tokens = [stored[item]["semantic_tokens"].data for item in items]
+    assert matched_scores(sum(confusion_matrix(t, p, 3, 3) for t, p in zip(truths, tokens)))["miou"] > 0.95
+    np.testing.assert_array_equal(stored["img0"]["semantic"].data, np.kron(tokens[0], np.ones((2, 2), np.int32)))
+    root = work.root_arrays()
+    assert root["centroids"].data.shape == (3, 3) and ("projection" in root) is not dataset_level
+    assert ClusterParams(clusters="auto").width(6) == 6 and ClusterParams(components=9).width(6) == 6 and ClusterParams().width(100) == 27

@@ -1,4 +1,4 @@
-"""pipeline.extract and pipeline.models on the registered random "tiny-vit" (METHOD.md section 1)."""
+"""pipeline.extract.core and pipeline.models on the registered random "tiny-vit" (METHOD.md section 1)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention, attention_modules, extract_attention, image_tensor, to_numpy
+from pipeline.extract.core import LayerAttention, attention_modules, dequantise, extract_attention, image_tensor, to_numpy
+from pipeline.extract.stage import ExtractParams, artifact_params, extract_image
 from pipeline.models import get_spec
 from pipeline.models.build import build_model
 from pipeline.store import ArtifactRef, Store
@@ -135,6 +136,81 @@ def test_qk_softmax_equals_the_models_own_attention_over_patch_tokens(model, ima
         np.testing.assert_allclose(predicted, out[:, 1:], rtol=1e-3, atol=1e-4)
 
 
+def models_attention(model: torch.nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each layer's attention probabilities among the patch tokens, as timm's unfused attention computes
+    them (softmax over all tokens, handed to ``attn_drop``), renormalised over the patch tokens."""
+    probabilities, handles = {}, []
+    modules = attention_modules(model)
+    for name, module in modules:
+        module.fused_attn = False
+        handles.append(module.attn_drop.register_forward_hook(
+            lambda m, args, out, name=name: probabilities.__setitem__(name, args[0][0].double().numpy())))
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, module in modules:
+            module.fused_attn = True
+    patches = {name: p[:, 1:, 1:] for name, p in probabilities.items()}
+    return {name: p / p.sum(-1, keepdims=True) for name, p in patches.items()}
+
+
+def test_extract_image_stores_qk_whose_softmax_is_the_models_attention(model):
+    """`lds extract`'s work on one image, called directly: the stored (head, y, x, dim) arrays give the
+    model's own attention back, float32 exactly as computed, int8 within its quantisation step."""
+    spec = get_spec("tiny-vit")
+    rgb = np.random.default_rng(3).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    reference = models_attention(model, image_tensor(rgb, spec.mean, spec.std))
+    arrays, item_attrs, group_attrs = extract_image(model, rgb, spec, ExtractParams(dtype="float32"), "img")
+    assert item_attrs == {"grid": [4, 6], "patch_size": PATCH, "image_size": [64, 96], "device": "cpu"}
+    assert sorted(arrays) == sorted(f"layers/block{i:02d}/{part}" for i in range(DEPTH) for part in "qkv")
+    int8, _, _ = extract_image(model, rgb, spec, ExtractParams(dtype="int8", arrays=("k", "q")), "img")
+    assert sorted(int8) == sorted(f"layers/block{i:02d}/{part}" for i in range(DEPTH) for part in ("q", "q_scale", "k", "k_scale"))
+    for name, attention in reference.items():
+        group = f"layers/{name}"
+        assert group_attrs[group] == {"resolution": [4, 6], "heads": HEADS, "head_dim": HEAD_DIM, "scale": pytest.approx(HEAD_DIM**-0.5)}
+        q, k = (arrays[f"{group}/{part}"] for part in "qk")
+        assert q.dims == ("head", "y", "x", "dim") and q.data.shape == (HEADS, 4, 6, HEAD_DIM) and q.data.dtype == np.float32
+        logits = q.data.reshape(HEADS, 24, HEAD_DIM).astype(np.float64) @ k.data.reshape(HEADS, 24, HEAD_DIM).transpose(0, 2, 1)
+        np.testing.assert_allclose(softmax_np(logits * group_attrs[group]["scale"]), attention, rtol=1e-4, atol=1e-6)
+        for part in "qk":
+            stored = int8[f"{group}/{part}"]
+            assert stored.data.dtype == np.int8
+            scale = int8[f"{group}/{part}_scale"].data
+            np.testing.assert_allclose(dequantise(stored.data, scale), arrays[f"{group}/{part}"].data, atol=float(scale.max()) / 2 + 1e-6)
+
+
+def test_extract_image_dataset_mode_keeps_coarse_layers_with_heads_joined(model):
+    spec = get_spec("tiny-vit")
+    rgb = np.random.default_rng(4).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    plain, _, _ = extract_image(model, rgb, spec, ExtractParams(dtype="float32", arrays=("v",)))
+    joined, _, group_attrs = extract_image(model, rgb, spec, ExtractParams(dtype="float32", arrays=("v",), concat_heads=True, max_resolution=6))
+    v = joined["layers/block01/v"]
+    assert v.data.shape == (1, 4, 6, HEADS * HEAD_DIM) and group_attrs["layers/block01"]["concatenated_heads"] == HEADS
+    np.testing.assert_array_equal(v.data[0, 2, 3], plain["layers/block01/v"].data[:, 2, 3].ravel())
+    upsampled, item_attrs, _ = extract_image(model, rgb, spec, ExtractParams(arrays=("v",), upsample_to=8))
+    assert upsampled["layers/block00/v"].data.shape == (HEADS, 8, 8, HEAD_DIM) and item_attrs["grid"] == [8, 8]
+    with pytest.raises(LdsError, match="no attention layer of model tiny-vit on image img is 3x3 or coarser"):
+        extract_image(model, rgb, spec, ExtractParams(max_resolution=3), "img")
+
+
+def test_extract_params_check_the_arrays_and_the_artifact_params_name_what_makes_the_arrays(tmp_path):
+    assert ExtractParams(arrays=("v", "q")).arrays == ("q", "v")
+    with pytest.raises(LdsError, match="give a comma-separated subset of q, k, v"):
+        ExtractParams(arrays=("x",))
+    vit, sd = get_spec("tiny-vit"), get_spec("tiny-sd")
+    assert artifact_params(ExtractParams(seed=3, device="cpu"), vit) == {
+        "model": "tiny-vit", "weights_sha256": None, "seed": 3, "dtype": "float16", "arrays": ["q", "k", "v"]}
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+    assert artifact_params(ExtractParams(seed=3, concat_heads=True), vit, weights)["seed"] is None  # the file makes the weights
+    assert artifact_params(ExtractParams(timesteps=4, max_resolution=32, upsample_to=8), sd) == {
+        "model": "tiny-sd", "weights_sha256": None, "seed": 0, "dtype": "float16", "arrays": ["q", "k", "v"], "timesteps": 4,
+        "max_timestep": 250, "max_resolution": 32, "upsample_to": 8}
+
+
 def test_pretrained_spec_offline_without_cache_raises_a_clear_error(offline_hub):
     with pytest.raises(LdsError) as error:
         build_model(get_spec("dino-vits16"))
@@ -185,7 +261,7 @@ def test_missing_unreadable_or_folder_weights_raise(tmp_path):
 
 
 def test_upsample_layer_resizes_maps_bicubically_and_keeps_smooth_maps():
-    from pipeline.extract import upsample_layer
+    from pipeline.extract.core import upsample_layer
 
     y, x = np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4), indexing="ij")
     ramp = np.stack([y, x], -1)[None].repeat(2, 0)  # (head, y, x, dim): linear in position

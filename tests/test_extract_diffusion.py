@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.errors import LdsError
-from pipeline.extract import image_tensor
-from pipeline.extract_diffusion import (
+from pipeline.extract.core import image_tensor
+from pipeline.extract.diffusion import (
     encode,
     extract_attention_sd,
     item_generator,
@@ -22,10 +22,11 @@ from pipeline.extract_diffusion import (
 from pipeline.models import get_spec
 from pipeline.models.build import build_model
 from pipeline.models.diffusion import empty_prompt_ids, random_parts
-from pipeline.solver_params import SolverParams
+from pipeline.solve.params import SolverParams
 from pipeline.store import ArtifactRef, Store
 from stages.cli import cli
-from stages.extract import TIMESTEP_POOL, extract
+from pipeline.extract.stage import TIMESTEP_POOL
+from stages.extract import extract
 
 HEADS = 8
 # tiny-sd on a 64 x 96 image: latent 8 x 12; self-attention in run order (down, mid, up)

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.errors import LdsError
-from pipeline.extract import image_tensor
-from pipeline.extract_hf import attention_modules_hf, extract_attention_hf, forward_kwargs
+from pipeline.extract.core import image_tensor
+from pipeline.extract.hf import attention_modules_hf, extract_attention_hf, forward_kwargs
 from pipeline.models import get_spec
 from pipeline.models.build import build_model
 from pipeline.store import ArtifactRef, Store

@@ -183,7 +183,7 @@ def test_int8_attention_keeps_the_solvers_subspace_in_half_the_bytes(tmp_path):
 
 
 def test_quantise_is_within_half_a_step_per_channel():
-    from pipeline.extract import dequantise, quantise, stored_array
+    from pipeline.extract.core import dequantise, quantise, stored_array
 
     array = np.random.default_rng(0).normal(size=(2, 3, 4, 5, 6)).astype(np.float32) * np.arange(1, 7)  # (timestep, head, y, x, dim)
     values, scale = quantise(array)

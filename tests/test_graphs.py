@@ -1,4 +1,4 @@
-"""pipeline.graphs: kq / vv graphs, random-walk / laplacian normalisation, selection, row blocks."""
+"""pipeline.solve.graphs: kq / vv graphs, random-walk / laplacian normalisation, selection, row blocks."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.graphs as graphs
+import pipeline.solve.graphs as graphs
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention
-from pipeline.graphs import GraphCache, apply_symmetrised, graph_sets, row_blocks, select, summed_symmetrised
-from pipeline.solver import objective
-from pipeline.solver_params import GraphOptions
+from pipeline.extract.core import LayerAttention
+from pipeline.solve.graphs import GraphCache, apply_symmetrised, graph_sets, row_blocks, select, summed_symmetrised
+from pipeline.solve.per_image import objective
+from pipeline.solve.params import GraphOptions
 
 
 def random_layer(name: str, rng: np.random.Generator, heads: int = 2, grid=(3, 4), dim: int = 5) -> LayerAttention:

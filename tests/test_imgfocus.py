@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from skimage import data, transform
 
 from pipeline.errors import LdsError
-from pipeline.extract import extract_attention, image_tensor
-from pipeline.hashing import sha256_file
+from pipeline.extract.core import extract_attention, image_tensor
+from pipeline.store.hashing import sha256_file
 from pipeline.models import IMGFOCUS, get_spec, imgfocus
 from pipeline.models.build import build_model
 from pipeline.store import ArtifactRef, Store

@@ -15,9 +15,9 @@ from PIL import Image
 
 from pipeline.data import open_dataset
 from pipeline.errors import LdsError
-from pipeline.evaluation import original_detections, original_truth, preprocessed_detections
-from pipeline.metrics import coco_evaluate, instance_ground_truth
-from pipeline.preprocess import Geometry, plan, resize_nearest
+from pipeline.evaluate.scoring import original_detections, original_truth, preprocessed_detections
+from pipeline.evaluate.metrics import coco_evaluate, instance_ground_truth
+from pipeline.data.preprocess import Geometry, plan, resize_nearest
 from pipeline.store import Store
 from stages.cli import cli
 from stages.common import read_manifest

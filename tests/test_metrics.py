@@ -1,4 +1,4 @@
-"""pipeline.metrics against hand-computed answers and invariants (METHOD.md sections 5-6)."""
+"""pipeline.evaluate.metrics against hand-computed answers and invariants (METHOD.md sections 5-6)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import IGNORE
-from pipeline.instances import coco_results
-from pipeline.metrics import (
+from pipeline.decode.instances import coco_results
+from pipeline.evaluate.metrics import (
     add_confusion,
     aligned_scores,
     coco_evaluate,

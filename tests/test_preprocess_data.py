@@ -1,4 +1,4 @@
-"""pipeline.preprocess (resizing, METHOD.md section 4) and pipeline.data (dataset specs, records)."""
+"""pipeline.data.preprocess (resizing, METHOD.md section 4) and pipeline.data (dataset specs, records)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.data import FileImage, SyntheticImage, list_images, num_shards, safe_id, shard
 from pipeline.errors import LdsError
-from pipeline.preprocess import resize_image
+from pipeline.data.preprocess import resize_image
 
 # ------------------------------------------------------------------------------------------ preprocess
 

@@ -6,9 +6,11 @@ import csv
 import io
 import json
 
+import pytest
 from click.testing import CliRunner
 
-from pipeline.report import csv_report, failures_table, markdown_report, tables
+from pipeline.errors import LdsError
+from pipeline.evaluate.report import RunLinks, csv_report, failures_table, markdown_report, read_run, run_links, tables
 from stages.cli import cli
 
 RUNS = [
@@ -82,3 +84,18 @@ def test_a_baseline_run_is_its_own_row_labelled_with_its_method():
     assert [row[:2] for row in proposals.rows] == [["dino-vits8", "12.3"], ["dino-vits8 (MaskCut)", "6.0"]]
     rows = list(csv.DictReader(io.StringIO(csv_report(runs))))
     assert [(r["model"], r["baseline"]) for r in rows] == [("dino-vits8", ""), ("dino-vits8", "maskcut")]
+
+
+def test_a_run_is_named_by_its_folders_and_links_only_the_files_beside_it(tmp_path):
+    run = tmp_path / "voc" / "dino-vits8+maskcut"
+    (run / "figures").mkdir(parents=True)
+    (run / "figures" / "img-1.png").write_bytes(b"png")
+    (run / "metrics.json").write_text(json.dumps({"baseline": "maskcut", "images": 3}))
+    metrics = read_run(run / "metrics.json")
+    assert (metrics["dataset"], metrics["model"]) == ("voc", "dino-vits8+maskcut")  # no model recorded: the folder's name
+    links = run_links(run / "metrics.json", {**metrics, "model": "dino-vits8"}, "model dino-vits8 (w)", lambda p: p.relative_to(tmp_path).as_posix())
+    assert links == RunLinks("voc", "dino-vits8 (MaskCut)", "model dino-vits8 (w); 3 images", "voc/dino-vits8+maskcut/metrics.json",
+                             None, [("img-1", "voc/dino-vits8+maskcut/figures/img-1.png")], [])
+    (run / "broken.json").write_text("{")
+    with pytest.raises(LdsError, match="cannot read metrics .*broken.json"):
+        read_run(run / "broken.json")

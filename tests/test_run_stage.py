@@ -8,7 +8,7 @@ import pytest
 from pipeline.errors import LdsError
 from pipeline.store import ArraySpec, Store
 from pipeline.store.maintenance import verify
-from pipeline.summary import summarise
+from pipeline.evaluate.summary import summarise
 from stages.common import FAILURE_LIMIT, run_stage
 
 

@@ -1,4 +1,4 @@
-"""pipeline.solver against dense numpy references, gradcheck and a planted partition (METHOD.md 1, 2, 5)."""
+"""pipeline.solve.per_image against dense numpy references, gradcheck and a planted partition (METHOD.md 1, 2, 5)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import torch
 from scipy.linalg import subspace_angles
 from scipy.sparse.linalg import eigsh
 
-from pipeline.decode import kmeans_labels
-from pipeline.extract import LayerAttention
-from pipeline.metrics import confusion_matrix, matched_scores
-from pipeline.graphs import GraphSet, graph_sets
-from pipeline.solver import AttentionBuffer, ExactOperator, exact_solution, finest_grid, objective, orthogonalise, solve_adam, solve_exact
-from pipeline.solver_params import GraphOptions, SolverParams, resolve_accumulate
+from pipeline.decode.kmeans import kmeans_labels
+from pipeline.extract.core import LayerAttention
+from pipeline.evaluate.metrics import confusion_matrix, matched_scores
+from pipeline.solve.graphs import GraphSet, graph_sets
+from pipeline.solve.per_image import AttentionBuffer, ExactOperator, exact_solution, finest_grid, objective, orthogonalise, solve_adam, solve_exact
+from pipeline.solve.params import GraphOptions, SolverParams, resolve_accumulate
+from pipeline.solve.stage import read_layer_sets, solve_image
 
 
 def key_query_graphs(layers: list[LayerAttention]) -> list[GraphSet]:
@@ -388,8 +389,6 @@ def test_accumulate_auto_is_20_passes_for_several_attention_sets_and_1_for_one(p
 def test_read_layer_sets_splits_timesteps_into_attention_sets(tmp_path):
     import zarr
 
-    from stages.solve import read_layer_sets
-
     rng = np.random.default_rng(9)
     item = zarr.open_group(tmp_path / "item.zarr", mode="w")
     for name, timesteps in (("down", True), ("up", True)):
@@ -403,3 +402,32 @@ def test_read_layer_sets_splits_timesteps_into_attention_sets(tmp_path):
     ]
     np.testing.assert_array_equal(sets[1][0].q, item["layers/down/q"][1])
     assert sets[2][1].q.shape == (2, 4, 4, 5) and sets[0][0].scale == 0.5
+
+
+# ----------------------------------------------------------------------------- lds solve's work, per image
+
+
+@pytest.mark.parametrize("solver, kind", [("exact", "kq"), ("exact", "vv"), ("adam", "kq")])
+def test_solve_image_on_planted_attention_gives_x_ortho_whose_kmeans_recovers_the_regions(solver, kind):
+    """`lds solve`'s work on one image, called directly: the arrays and attributes it stores, and a known
+    answer (the planted regions) from K-Means on X_ortho, as `lds decode` clusters it."""
+    layer_sets = [planted_layers(np.random.default_rng(6))]
+    params = SolverParams(solver=solver, kind=kind, channels=4, steps=150, lr=1e-2, parameterisation="free")
+    arrays, attrs = solve_image(layer_sets, params)
+    assert set(arrays) == {"X", "X_ortho", "U", "eigenvalues", "orthogonality", "losses", "layer_xy_r2"}
+    assert arrays["X_ortho"].data.shape == (4, 8, 8) and arrays["X_ortho"].dims == ("component", "y", "x")
+    assert attrs == {"graphs": ["fine/head0", "fine/head1", "coarse/head0", "coarse/head1"], "layers": ["fine", "coarse"],
+                     "device": "cpu", "attention_sets": 1}
+    assert arrays["eigenvalues"].data.shape == (4, 4) and arrays["layer_xy_r2"].data.shape == (2,)
+    assert arrays["losses"].data.shape == ((150,) if solver == "adam" else (0,))
+    assert matched_miou(kmeans_labels(arrays["X_ortho"].data, 3), REGIONS) > 0.9
+
+
+def test_solve_image_selects_layers_and_heads_and_takes_every_attention_set():
+    layers = planted_layers(np.random.default_rng(6))
+    arrays, attrs = solve_image([layers], SolverParams(solver="exact", channels=3, layers=("-1",), heads=(1,)))
+    assert attrs["graphs"] == ["coarse/head1"] and attrs["layers"] == ["coarse"] and arrays["X"].data.shape == (3, 4, 4)
+    timesteps = [[LayerAttention(f"{layer.name}@t{t}", layer.q, layer.k, layer.v, 1.0) for layer in layers] for t in (5, 9)]
+    arrays, attrs = solve_image(timesteps, SolverParams(channels=4, steps=5, accumulate=2, parameterisation="free"))
+    assert attrs["attention_sets"] == 2 and attrs["layers"] == ["fine", "coarse"]  # each layer's R² from the first set
+    assert attrs["graphs"][0] in ("fine@t5/head0", "fine@t9/head0") and arrays["losses"].data.shape == (5,)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.hashing import artifact_key, canonical_json
+from pipeline.store.hashing import artifact_key, canonical_json
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from pipeline.store.maintenance import reachable, verify
 

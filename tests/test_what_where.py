@@ -12,10 +12,10 @@ import numpy as np
 import yaml
 from click.testing import CliRunner
 
-from pipeline.extract import LayerAttention
-from pipeline.layers import agreement, layer_xy_r2, layers_csv, mean_over_images, read_layers_csv
-from pipeline.report import csv_report, markdown_report, tables, what_where_table
-from pipeline.solver_params import GraphOptions
+from pipeline.extract.core import LayerAttention
+from pipeline.solve.layers import agreement, layer_xy_r2, layers_csv, mean_over_images, read_layers_csv
+from pipeline.evaluate.report import csv_report, markdown_report, tables, what_where_table
+from pipeline.solve.params import GraphOptions
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from stages.cli import cli
 
@@ -175,5 +175,5 @@ def test_the_workflow_solves_kq_and_vv_by_default_on_one_shared_extract(tmp_path
 
 
 def test_a_list_of_graph_kinds_for_the_dataset_level_solver_is_refused_by_the_schema(tmp_path):
-    run = dry_run(tmp_path, {**CONFIG, "solve": {"level": "dataset"}, "solve_dataset": {"graph": ["vv", "qk"]}})
+    run = dry_run(tmp_path, {**CONFIG, "solve": {"level": "dataset"}, "solve_dataset": {"graph": ["vv", "kq"]}})
     assert run.returncode != 0 and "graph" in run.stdout + run.stderr

@@ -11,7 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.errors import LdsError
-from pipeline.zeroshot import class_embeddings, label_set, region_scores, to_dataset_labels, unit, zero_shot_labels
+from pipeline.decode.zeroshot import (
+    ClassLabels, ZeroshotParams, class_embeddings, class_names, clip_repo, label_set, region_scores, to_dataset_labels, unit,
+    zero_shot_labels, zeroshot_image, zeroshot_settings,
+)
 from stages.cli import cli
 
 
@@ -61,6 +64,45 @@ def test_background_is_a_label_but_never_a_prompt_and_names_map_to_the_dataset()
     np.testing.assert_array_equal(to_dataset_labels(np.array([0, 1, 2]), ["dog", "cow", "background"], ["background", "cat", "dog"]), [2, 3, 0])
 
 
+def test_zeroshot_image_labels_each_region_and_its_pixels():
+    from types import SimpleNamespace
+
+    regions, features, _ = planted_regions()
+    means = np.stack([features[regions.ravel() == r].mean(0) for r in range(4)])
+    identity = SimpleNamespace(project_values=lambda values: values, logit_scale=100.0)  # a CLIP whose joint space is the values'
+    labels = ClassLabels.of(["background", "sky", "cow", "tree"])
+    assert labels.ids == [1, 2, 3] and labels.background == 0
+    arrays = zeroshot_image(features.reshape(8, 10, 6), regions, (16, 20), identity, means[[2, 0, 3]], labels, ZeroshotParams())
+    expected = np.array([2, 0, 1, 3])  # regions 0, 2, 3 are the texts of classes 2, 1, 3; region 1 is unlike any
+    np.testing.assert_array_equal(arrays["region_labels"].data, expected)
+    np.testing.assert_array_equal(arrays["labels_tokens"].data, expected[regions])
+    np.testing.assert_array_equal(arrays["labels"].data, np.kron(expected[regions], np.ones((2, 2), np.int32)))
+    np.testing.assert_allclose(arrays["region_scores"].data[[0, 2, 3]], 1)
+    assert arrays["region_scores"].attrs["description"] == "best cosine score of each region"
+    # regions decoded on a coarser grid are resized to the values' grid (nearest)
+    coarse = zeroshot_image(features.reshape(8, 10, 6), regions[::2, ::2], (8, 10), identity, means[[2, 0, 3]], labels, ZeroshotParams(threshold=-1))
+    assert coarse["labels_tokens"].data.shape == (8, 10) and coarse["region_labels"].data[1] != 0  # threshold -1: no background
+
+
+def test_zeroshot_class_names_clip_and_params_of_an_artifact():
+    assert class_names(ZeroshotParams(classes=("cat",)), {"classes": ["dog"]}) == ["cat"]
+    assert class_names(ZeroshotParams(), {"classes": ["dog"]}) == ["dog"]
+    with pytest.raises(LdsError, match="dataset shapes names no classes"):
+        class_names(ZeroshotParams(), {"dataset": "shapes", "classes": None})
+    with pytest.raises(LdsError, match="no class to label regions with among background"):
+        ClassLabels.of(["background"])
+    assert clip_repo("my/clip", None, {"model": "tiny-vit"}) == "my/clip"
+    assert clip_repo(None, None, {"model": "clip-vitb16"}) == "openai/clip-vit-base-patch16"
+    assert clip_repo(None, "folder", {"model": "tiny-vit"}) is None
+    with pytest.raises(LdsError, match="model tiny-vit is not a known CLIP model"):
+        clip_repo(None, None, {"model": "tiny-vit"})
+    labels = ClassLabels.of(["cat", "dog"])
+    settings = zeroshot_settings(ZeroshotParams(), labels, "my/clip", None)
+    assert {key: settings[key] for key in ("clip", "weights_sha256", "classes", "threshold", "score")} == {
+        "clip": "my/clip", "weights_sha256": None, "classes": ["cat", "dog", "background"], "threshold": 0.7, "score": "cosine"}
+    assert zeroshot_settings(ZeroshotParams(), labels, None, "abc")["clip"] is None
+
+
 # ------------------------------------------------------------------------------------ tiny random CLIP
 
 
@@ -98,9 +140,9 @@ def reference_region_scores(folder, rgb: np.ndarray, regions: np.ndarray, classe
     import torch
     from transformers import AutoTokenizer, CLIPModel
 
-    from pipeline.extract import image_tensor
+    from pipeline.extract.core import image_tensor
     from pipeline.models import CLIP_MEAN, CLIP_STD
-    from pipeline.zeroshot import PROMPT_TEMPLATES
+    from pipeline.decode.zeroshot import PROMPT_TEMPLATES
 
     model, tokenizer = CLIPModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     vision = model.vision_model

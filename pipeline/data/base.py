@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ItemError, LdsError
-from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
+from pipeline.store.hashing import canonical_json, sha256_bytes, sha256_file
 
 IGNORE = 255  # label value of pixels that no metric counts (unlabelled, void, object boundaries)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

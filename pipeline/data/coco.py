@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.data.base import FileImage, Sample, read_rgb, require, require_files, split_root
 from pipeline.errors import ItemError, LdsError
-from pipeline.hashing import canonical_json, sha256_bytes, sha256_file
+from pipeline.store.hashing import canonical_json, sha256_bytes, sha256_file
 
 SPLITS = ("val2017", "train2017")
 INSTANCES_LAYOUT = "ROOT/annotations/instances_<split>.json and ROOT/<split>/*.jpg"
@@ -50,6 +50,17 @@ COCO_STUFF_27 = (
     "furniture-stuff", "raw-material", "textile", "wall", "window", "building", "ground", "plant", "sky",
     "solid", "structural", "water",
 )
+
+
+def encode_mask(mask: np.ndarray) -> tuple[dict, list[float]]:
+    """A binary mask (y, x) as COCO json spells it: compressed RLE (counts as text) and its box
+    [x, y, width, height]."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    box = mask_utils.toBbox(rle).tolist()
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle, box
 
 
 def load_coco(path: str):

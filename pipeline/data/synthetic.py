@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data.base import Sample
-from pipeline.hashing import sha256_bytes
+from pipeline.store.hashing import sha256_bytes
 
 CLASSES = ("background", "red", "blue", "yellow")
 

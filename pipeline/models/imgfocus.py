@@ -23,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.errors import LdsError
-from pipeline.hashing import sha256_file
+from pipeline.store.hashing import sha256_file
 
 if TYPE_CHECKING:
     import onnx

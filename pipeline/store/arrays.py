@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import LdsError
-from pipeline.hashing import sha256_bytes
+from pipeline.store.hashing import sha256_bytes
 from pipeline.store.journal import Journal
 
 ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

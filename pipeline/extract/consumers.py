@@ -8,8 +8,8 @@ from typing import Iterable
 from pipeline.errors import LdsError
 
 ARRAYS = ("q", "k", "v")
-# per-image graphs (lds solve --graph kq|vv) and the dataset solver's (lds solve-dataset --graph qk|vv)
-GRAPH_ARRAYS = {"kq": ("q", "k"), "qk": ("q", "k"), "vv": ("v",)}
+# per-image graphs (lds solve --graph kq|vv) and the dataset solver's (lds solve-dataset --graph kq|vv)
+GRAPH_ARRAYS = {"kq": ("q", "k"), "vv": ("v",)}
 # lds baseline --affinity: the attention needs Q and K; both read the key norms (artifact tokens)
 BASELINE_ARRAYS = {"attention": ("q", "k"), "features": ("k",)}
 ZEROSHOT_ARRAYS = ("v",)  # the last layer's values, projected into CLIP's space

@@ -7,10 +7,13 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from pipeline.explorer import SORT_SCRIPT, STYLE, Explorer, explorer_section
+from pipeline.errors import LdsError
+from pipeline.evaluate.explorer import SORT_SCRIPT, STYLE, Explorer, explorer_section
 
 # Scalar metrics in report order: (key, header, format). Percentages as in the paper's tables.
 METRICS = (
@@ -54,8 +57,8 @@ WHAT_WHERE = (
 WHAT_WHERE_NOTE = (
     "How to read it: compare the graph kinds of one model. A high X-Y R² (low error) means the eigenvectors "
     "encode position: that graph carries 'where'. A high semantic mIoU (and oracle mIoU) means its regions follow "
-    "object classes: it carries 'what'. kq: key-query attention; vv: value-value similarity (qk: the dataset-level "
-    "solver's key-query graph)."
+    "object classes: it carries 'what'. kq: key-query attention; vv: value-value similarity (the dataset-level "
+    "solver's kq: normalised queries against normalised keys)."
 )
 BASELINE_NAMES = {"tokencut": "TokenCut", "maskcut": "MaskCut"}  # as the paper's tables name them
 HEADERS = {key: header for key, header, _ in METRICS}
@@ -181,6 +184,32 @@ class RunLinks:
     contact_sheet: str | None
     figures: list[tuple[str, str]]  # (image name, path)
     proposals: list[str]  # COCO results json files
+
+
+def read_run(path: Path) -> dict:
+    """A run's metrics.json, <results>/<dataset>/<run folder>/metrics.json: the dataset named by its folder,
+    the model by the name it records (a folder spells a hub name's "/" as "--"; a baseline's run, in
+    <model folder>+<method>, records its method as ``baseline``; a run on value graphs, in <model folder>@vv,
+    records ``graph``)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LdsError(f"cannot read metrics {path} ({error})") from None
+    return {**metrics, "dataset": path.parent.parent.name, "model": metrics.get("model", path.parent.name)}
+
+
+def run_links(path: Path, run: dict[str, Any], caption: str, relative: Callable[[Path], str]) -> RunLinks:
+    """The files of the run whose metrics.json is ``path`` that exist beside it: its contact sheet, decode's
+    figure per image and the COCO results json of each shard. ``caption``: the model's, as figures say it;
+    ``relative``: a path as the index page links it."""
+    folder = path.parent
+    sheet = folder / "figures" / "contact-sheet.png"
+    figures = sorted(p for p in (folder / "figures").glob("*.png") if p.name != "contact-sheet.png")
+    return RunLinks(
+        run["dataset"], run_name(run), f"{caption}; {run.get('images', '?')} images", relative(path),
+        relative(sheet) if sheet.is_file() else None, [(p.stem, relative(p)) for p in figures],
+        [relative(p) for p in sorted(folder.glob("shard-*/instances.json"))],
+    )
 
 
 def html_index(runs: list[dict[str, Any]], links: list[RunLinks], explorers: Sequence[Explorer] = ()) -> str:

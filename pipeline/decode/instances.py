@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.decode import one_thread, token_features
+from pipeline.decode.kmeans import one_thread, token_features
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     half, nearest neighbour for a mask that would vanish so."""
     from PIL import Image
 
-    from pipeline.decode import upsample_labels
+    from pipeline.decode.kmeans import upsample_labels
 
     masks = np.zeros((len(token_masks), *size), dtype=bool)
     for i, mask in enumerate(token_masks):
@@ -247,12 +247,10 @@ def pixel_masks(token_masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def coco_results(masks: np.ndarray, scores: np.ndarray, image_id: int) -> list[dict]:
     """COCO results (class-agnostic: category 1) for pixel masks (n, y, x): compressed RLE, box
     [x, y, width, height] and score per proposal; pycocotools' ``loadRes`` reads them as they are."""
-    from pycocotools import mask as mask_utils
+    from pipeline.data.coco import encode_mask
 
     results = []
     for mask, score in zip(masks, scores):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        box = mask_utils.toBbox(rle).tolist()
-        rle["counts"] = rle["counts"].decode("ascii")
+        rle, box = encode_mask(mask)
         results.append({"image_id": int(image_id), "category_id": 1, "segmentation": rle, "bbox": box, "score": float(score)})
     return results

@@ -7,7 +7,7 @@ import inspect
 import torch
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention, to_numpy
+from pipeline.extract.core import LayerAttention, to_numpy
 
 # names of the separate projections in transformers attention modules (current, then older releases)
 PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))

@@ -1,5 +1,5 @@
 """Decoding pseudo-eigenvectors into regions (METHOD.md section 5): K-Means per image, with K given or
-chosen by silhouette (across a dataset: pipeline.dataset_kmeans)."""
+chosen by silhouette (across a dataset: pipeline.decode.dataset_kmeans)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ import numpy as np
 from PIL import Image
 
 AUTO_KS = tuple(range(2, 11))  # the K tried by auto-K (METHOD.md section 5)
+
+
+def clusters_schema() -> dict:
+    """The JSON schema of K of K-Means as a config key: an integer >= 2, or auto (a new dict each time, so
+    that YAML writes no aliases)."""
+    return {"oneOf": [{"type": "integer", "minimum": 2}, {"const": "auto"}]}
 
 
 def one_thread():

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention
-from pipeline.graphs import (
+from pipeline.extract.core import LayerAttention
+from pipeline.solve.graphs import (
     GraphCache, GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised,
 )
-from pipeline.solver_params import GraphOptions, SolverParams, resolve_accumulate
+from pipeline.solve.params import GraphOptions, SolverParams, resolve_accumulate
 
 DENSE_LIMIT = 4096  # tokens (64 x 64): above this the exact solver applies graphs from Q and K
 
@@ -66,10 +66,9 @@ def finest_grid(graph_sets: list[GraphSet]) -> tuple[int, int]:
     return max((gs.grid for gs in graph_sets), key=lambda g: g[0] * g[1])
 
 
-def pooled(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """X (m, H, W) average-pooled to ``grid``, as (N, m)."""
-    small = x if tuple(x.shape[1:]) == grid else F.adaptive_avg_pool2d(x[None], grid)[0]
-    return small.flatten(1).T
+def token_columns(x: torch.Tensor) -> torch.Tensor:
+    """X (m, H, W) as (H * W, m): a column per channel."""
+    return x.flatten(1).T
 
 
 def unit_columns(z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +82,7 @@ def objective(
     eigenvalues, orthogonality = [], []
     off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
     for graph_set in graph_sets:
-        base = pooled(x, graph_set.grid)
+        base = pool_columns(token_columns(x), tuple(x.shape[1:]), graph_set.grid)
         if graph_set.scale is None:  # one Z shared by every graph of this resolution
             z = unit_columns(base)
             eig = (z[None] * (graph_set.matrices @ z)).sum(dim=1)
@@ -262,9 +261,9 @@ class ExactOperator:
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(vectors)
         for graph_grid, matrix in self.dense.items():
-            out += _lift(matrix @ _pool(vectors, self.grid, graph_grid), self.grid, graph_grid)
+            out += lift_columns(matrix @ pool_columns(vectors, self.grid, graph_grid), self.grid, graph_grid)
         for layer in self.streamed:
-            out += _lift(apply_symmetrised(layer, self.options, _pool(vectors, self.grid, layer.grid).float()).double(),
+            out += lift_columns(apply_symmetrised(layer, self.options, pool_columns(vectors, self.grid, layer.grid).float()).double(),
                          self.grid, layer.grid)
         return out
 
@@ -307,7 +306,7 @@ def measure(x: np.ndarray, layers: list[LayerAttention], options: GraphOptions,
     off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool)
     eigenvalues, orthogonality = [], []
     for layer in select(layers, options):
-        base = pooled(features, layer.grid)
+        base = pool_columns(token_columns(features), tuple(features.shape[1:]), layer.grid)
         eig = z = None
         for rows, block, scale in cache.row_blocks(layer) if cache else row_blocks(layer, options):
             if z is None:
@@ -320,7 +319,7 @@ def measure(x: np.ndarray, layers: list[LayerAttention], options: GraphOptions,
     return torch.cat(eigenvalues).numpy(), torch.cat(orthogonality).numpy()
 
 
-def _pool(v: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+def pool_columns(v: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """Average-pool columns of v (N, k) from ``grid`` to ``target``."""
     if grid == target:
         return v
@@ -328,10 +327,10 @@ def _pool(v: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> to
     return F.adaptive_avg_pool2d(images, target).reshape(v.shape[1], -1).T
 
 
-def _lift(v: torch.Tensor, grid: tuple[int, int], source: tuple[int, int]) -> torch.Tensor:
-    """The adjoint of ``_pool``: spread coarse values back over the fine cells they average."""
+def lift_columns(v: torch.Tensor, grid: tuple[int, int], source: tuple[int, int]) -> torch.Tensor:
+    """The adjoint of ``pool_columns``: spread coarse values back over the fine cells they average."""
     if grid == source:
         return v
     fine = torch.zeros(grid[0] * grid[1], v.shape[1], dtype=v.dtype, device=v.device, requires_grad=True)
-    (lifted,) = torch.autograd.grad(_pool(fine, grid, source), fine, grad_outputs=v)
+    (lifted,) = torch.autograd.grad(pool_columns(fine, grid, source), fine, grad_outputs=v)
     return lifted

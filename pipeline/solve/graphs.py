@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention
-from pipeline.solver_params import GraphOptions
+from pipeline.extract.core import LayerAttention
+from pipeline.solve.params import GraphOptions
 
 BLOCK_ELEMENTS = 1 << 24  # entries of one row block over all heads (64 MiB in float32)
 CACHE_BYTES = 1 << 30  # one image's graphs and layer sums kept (DINOv2 ViT-S/14 at 448 px: all of them, 0.4-0.9 GiB)

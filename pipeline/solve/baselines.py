@@ -29,11 +29,12 @@ left 2.6 masks per image with the same AP, the masks it dropped being ranked las
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from pipeline.extract import LayerAttention, join_heads
+from pipeline.extract.core import LayerAttention, join_heads
+from pipeline.settings import setting
 
 AFFINITIES = ("features", "attention")
 METHODS = ("tokencut", "maskcut")
@@ -45,15 +46,34 @@ DENSE_TOKENS = 256  # graphs of at most this many tokens are solved densely, lar
 
 @dataclass(frozen=True)
 class BaselineParams:
-    method: str = "tokencut"
-    affinity: str = "features"
-    eigenvectors: int = 8
-    masks: int = 1  # MaskCut's N; TokenCut makes one
-    tau: float = 0.2  # binarisation threshold of the features affinity
-    centre: bool = True  # features affinity: subtract the mean key before the cosine similarity
-    artifacts: float = 5.0  # key-norm robust z-score above which a token leaves the graph (inf: none)
+    """`lds baseline` (METHOD.md section 5): the method, its one affinity and attention layer, and the cut's
+    settings. ``eigenvectors``, ``masks`` and ``tau`` left None take the method's default (``resolved``)."""
+
+    method: str = setting("tokencut", choices=METHODS, config=False,
+                          help="tokencut: one normalised cut, one foreground mask; maskcut: N cuts, the found tokens masked out after each.")
+    affinity: str = setting("attention", choices=AFFINITIES,
+                            help="attention: the layer's key-query attention, symmetrised, mean over heads; features: cosine similarity of the layer's keys, binarised at --tau.")
+    layer: str = setting("-2", schema={"type": ["integer", "string"]},
+                         help="The attention layer: a name (block10) or an index (-1: the last; -2, the default, measured best on DINOv2 photos).")
+    eigenvectors: int | None = setting(None, minimum=1, help="m, eigenvectors stored as X  [default: tokencut 8, maskcut 15].")
+    # the config's baseline_options.masks is a key of the workflow's own: MaskCut's N, passed to maskcut only
+    masks: int | None = setting(None, minimum=1, config=False, help="MaskCut's N, masks per image  [default: 3; tokencut: 1].")
+    tau: float | None = setting(None, help="Binarisation threshold of the features affinity  [default: tokencut 0.2, maskcut 0.15].")
+    centre: bool = setting(True, flag="--centre/--no-centre", config=False,
+                           help="Features affinity: subtract the image's mean key before the cosine similarity (DINOv2's keys are all alike without it).")
+    artifacts: float = setting(5.0, minimum=0, maximum=1e9, config=False,
+                               help="Tokens whose key norm has a robust z-score above this leave the graph and take their nearest kept neighbour's values (1e9: keep all).")
     eps: float = 1e-5  # weight of the edges below tau
     min_area: float = 0.0  # MaskCut: a further mask covering this fraction of the image or less is dropped
+
+    def resolved(self) -> "BaselineParams":
+        """These settings with the method's defaults for what is left None."""
+        return replace(
+            self,
+            eigenvectors=self.eigenvectors or DEFAULT_EIGENVECTORS[self.method],
+            masks=self.masks or DEFAULT_MASKS[self.method],
+            tau=DEFAULT_TAU[self.method] if self.tau is None else self.tau,
+        )
 
 
 @dataclass
@@ -93,8 +113,8 @@ def feature_affinity(features: np.ndarray, tau: float, eps: float, centre: bool 
 
 def attention_affinity(layer: LayerAttention) -> np.ndarray:
     """The mean over heads of (A + Aᵀ) / 2, A = softmax(Q Kᵀ · scale): (tokens, tokens) float64."""
-    from pipeline.graphs import summed_symmetrised
-    from pipeline.solver_params import GraphOptions
+    from pipeline.solve.graphs import summed_symmetrised
+    from pipeline.solve.params import GraphOptions
 
     return summed_symmetrised(layer, GraphOptions("kq", "random-walk")).numpy() / layer.heads
 
@@ -176,6 +196,7 @@ def maskcut(w: np.ndarray, grid: tuple[int, int], params: BaselineParams, kept: 
 
 def run_baseline(layer: LayerAttention, params: BaselineParams) -> BaselineResult:
     """Eigenvectors and masks of one layer's affinity (TokenCut: one mask; MaskCut: up to N)."""
+    params = params.resolved()
     grid = layer.grid
     keys = join_heads(layer.k).astype(np.float64)
     artifacts = artifact_tokens(keys.reshape(-1, keys.shape[-1]), params.artifacts)
@@ -203,3 +224,34 @@ def degenerate_warning(joined: list[float | None], tau: float) -> str | None:
     return (f"in {len(bad)} of {len(joined)} images the features graph joins {min(bad):.0%} or more of the token "
             f"pairs (key cosine similarity > --tau {tau}): the cut is arbitrary there; use --centre, raise --tau "
             "or use --affinity attention")
+
+
+def baseline_image(layers: list[LayerAttention], params: BaselineParams) -> tuple[dict, dict]:
+    """What `lds baseline` stores for one image, from its stored attention layers (one timestep): the
+    eigenvectors of ``params.layer``'s affinity as X and X_ortho (a baseline's X is already D-orthonormal),
+    its eigenvalues, and the TokenCut / MaskCut masks as proposals -> (arrays, item attributes)."""
+    from pipeline.solve.graphs import select
+    from pipeline.solve.params import GraphOptions
+    from pipeline.store import ArraySpec
+
+    params = params.resolved()
+    (chosen,) = select(layers, GraphOptions(layers=(str(params.layer),)))
+    result = run_baseline(chosen, params)
+    chunks = (max(len(result.masks), 1), *result.masks.shape[1:])
+    arrays = {
+        "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": f"normalised-cut eigenvectors of {chosen.name}'s {params.affinity} affinity, smallest eigenvalue first (the constant one left out)"}),
+        "X_ortho": ArraySpec(result.x, ("component", "y", "x"), {"description": "the same eigenvectors (already D-orthonormal)"}),
+        "eigenvalues": ArraySpec(result.eigenvalues, ("channel",), {"description": "eigenvalues λ of (D - W) x = λ D x"}),
+        "proposals": ArraySpec(result.masks, ("proposal", "y", "x"), {"description": f"{params.method} masks per token, in the order found"}, chunks=chunks),
+        "proposal_scores": ArraySpec(result.scores, ("proposal",), {"description": "1 for the first mask, then 1 - i / N (rank, not confidence)"}, chunks=chunks[:1]),
+    }
+    attrs = {"layer": chosen.name, "grid": list(chosen.grid), "affinity": params.affinity,
+             "artifact_tokens_dropped": int(result.artifacts.sum())}
+    if result.edges_above_tau is not None:
+        attrs["edges_above_tau"] = round(result.edges_above_tau, 4)
+    return arrays, attrs
+
+
+def baseline_settings(params: BaselineParams) -> dict:
+    """The params of a baseline artifact (part of its key): every setting, the method's defaults filled in."""
+    return asdict(params.resolved())

@@ -11,10 +11,10 @@ from pipeline.data import ImageRecord, open_dataset
 from pipeline.data.base import IGNORE
 from pipeline.data.coco import CocoImage, load_coco
 from pipeline.errors import LdsError
-from pipeline.metrics import (
+from pipeline.evaluate.metrics import (
     add_confusion, confusion_matrix, instance_ground_truth, matched_scores, oracle_labels, xy_regression,
 )
-from pipeline.preprocess import Geometry, to_original
+from pipeline.data.preprocess import Geometry, to_original
 
 
 def no_confusion() -> np.ndarray:
@@ -135,7 +135,7 @@ def original_truth(record: ImageRecord, geometry: Geometry) -> tuple[dict, list[
 def original_detections(token_masks: np.ndarray, scores: np.ndarray, geometry: Geometry, image_id: int) -> list[dict]:
     """Proposals (n, y, x on the token grid) as COCO results on the original image: upsampled to the
     preprocessed size (``pixel_masks``), then the crop and resize undone (``to_original``)."""
-    from pipeline.instances import pixel_masks
+    from pipeline.decode.instances import pixel_masks
 
     masks = [to_original(m, geometry) for m in pixel_masks(token_masks, geometry.size)]
     return _coco_results(masks, scores, geometry.original, image_id)
@@ -144,12 +144,12 @@ def original_detections(token_masks: np.ndarray, scores: np.ndarray, geometry: G
 def preprocessed_detections(token_masks: np.ndarray, scores: np.ndarray, size: tuple[int, int], image_id: int) -> list[dict]:
     """Proposals (n, y, x on the token grid) as COCO results on the preprocessed image of ``size``
     (``pixel_masks``): the fallback when the dataset is unreachable."""
-    from pipeline.instances import pixel_masks
+    from pipeline.decode.instances import pixel_masks
 
     return _coco_results(list(pixel_masks(token_masks, size)), scores, size, image_id)
 
 
 def _coco_results(masks: list[np.ndarray], scores: np.ndarray, size: tuple[int, int], image_id: int) -> list[dict]:
-    from pipeline.instances import coco_results
+    from pipeline.decode.instances import coco_results
 
     return coco_results(np.stack(masks) if masks else np.zeros((0, *size), bool), scores, image_id)

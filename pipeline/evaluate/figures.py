@@ -212,7 +212,7 @@ def save_regions_figure(path: Path, views: dict[str, ImageView], outlines: np.nd
 def save_layer_figure(path: Path, profiles: dict[str, list[dict]], title: str) -> None:
     """Per graph kind side by side, each head's agreement with the joint eigenvectors (layers down, heads
     across, averaged over the images), then each layer's own X-Y R², a line per graph kind. ``profiles``:
-    graph -> rows of ``pipeline.layers.read_layers_csv``."""
+    graph -> rows of ``pipeline.solve.layers.read_layers_csv``."""
     plt = _plt()
     layers = list(dict.fromkeys(row["layer"] for rows in profiles.values() for row in rows))
     heads = list(dict.fromkeys(row["head"] for rows in profiles.values() for row in rows))

@@ -9,10 +9,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.extract import LayerAttention
-from pipeline.graphs import GraphCache, select, stored_name
-from pipeline.metrics import xy_regression
-from pipeline.solver_params import GraphOptions, SolverParams
+from pipeline.extract.core import LayerAttention
+from pipeline.solve.graphs import GraphCache, select, stored_name
+from pipeline.evaluate.metrics import xy_regression
+from pipeline.solve.params import GraphOptions, SolverParams
 
 
 def layer_head(graph: str) -> tuple[str, str]:
@@ -49,7 +49,7 @@ def single_layer_embedding(layer: LayerAttention, options: GraphOptions, channel
     """The top eigenvectors (component, y, x) of one layer's graphs alone (every head summed and
     symmetrised, as the exact solver does for all layers, from ``cache`` if given): the layer's own
     spectral embedding."""
-    from pipeline.solver import ExactOperator, solve_exact
+    from pipeline.solve.per_image import ExactOperator, solve_exact
 
     tokens = layer.grid[0] * layer.grid[1]
     operator = ExactOperator.from_layers([layer], GraphOptions(options.kind, options.variant), device, cache=cache)

@@ -7,7 +7,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.data.base import IGNORE
+from pipeline.settings import setting
+
 MODES = ("short-side", "center-crop")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """`lds preprocess` (METHOD.md section 4); the workflow passes the model's own size and patch."""
+
+    size: int = setting(224, minimum=16, config=False, help="Short side in pixels.")
+    mode: str = setting("short-side", choices=MODES, help="short-side: aspect kept; center-crop: a centre square (dataset-level protocol).")
+    multiple: int = setting(16, minimum=1, config=False, help="Crop sides to a multiple (patch size).")
 
 
 def target_size(height: int, width: int, size: int, mode: str, multiple: int) -> tuple[int, int]:
@@ -82,3 +94,25 @@ def resize_image(
     geometry = plan(rgb.shape[0], rgb.shape[1], size, mode, multiple)
     resized = _crop(np.asarray(Image.fromarray(rgb).resize(geometry.resized[::-1], Image.Resampling.BICUBIC)), geometry)
     return resized, None if labels is None else resize_nearest(labels.astype(np.int32), geometry)
+
+
+def preprocess_sample(sample, params: PreprocessParams) -> tuple[dict, dict]:
+    """One loaded sample (image, label map, objects) resized as ``params`` say -> (arrays, attributes):
+    ``rgb``, ``labels`` and ``instances`` / ``instance_crowd`` where the dataset has them, and the geometry
+    that maps the result back to the original image."""
+    from pipeline.store import ArraySpec
+
+    height, width = sample.rgb.shape[:2]
+    geometry = plan(height, width, params.size, params.mode, params.multiple)
+    resized, labels = resize_image(sample.rgb, sample.labels, params.size, params.mode, params.multiple)
+    arrays = {"rgb": ArraySpec(resized, ("y", "x", "channel"), {"description": "resized RGB image"})}
+    if labels is not None:
+        arrays["labels"] = ArraySpec(labels, ("y", "x"), {"description": f"ground-truth class per pixel ({IGNORE} = ignore)"})
+    if sample.instances is not None:
+        masks = [resize_nearest(mask, geometry) for mask in sample.instances]
+        kept = [i for i, mask in enumerate(masks) if mask.any()]  # objects too small to survive resizing
+        stacked = np.stack([masks[i] for i in kept]) if kept else np.zeros((0, *geometry.size), dtype=bool)
+        chunk = max(len(kept), 1)
+        arrays["instances"] = ArraySpec(stacked, ("instance", "y", "x"), {"description": "ground-truth object masks (class-agnostic)"}, chunks=(chunk, *geometry.size))
+        arrays["instance_crowd"] = ArraySpec(sample.crowd[kept], ("instance",), {"description": "COCO iscrowd flag per object"}, chunks=(chunk,))
+    return arrays, geometry.as_dict()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import LdsError
-from pipeline.extract import LayerAttention, to_numpy
+from pipeline.extract.core import LayerAttention, to_numpy
 from pipeline.models.diffusion import StableDiffusion
 
 

@@ -121,7 +121,9 @@ def concat_heads(layer: LayerAttention) -> LayerAttention:
 
 def join_heads(array: np.ndarray) -> np.ndarray:
     """(..., head, y, x, dim) -> (..., y, x, head * dim), head-major: the order of the projection's own
-    output before it is split into heads."""
+    output before it is split into heads. An array already (y, x, features) passes through."""
+    if array.ndim == 3:
+        return array
     moved = np.moveaxis(array, -4, -2)  # (..., y, x, head, dim)
     return moved.reshape(*moved.shape[:-2], -1)
 

@@ -4,7 +4,7 @@ Each batch of images gets one sparse graph per attention layer (layers at ``reso
 concatenated into one vector per token) over all the batch's tokens: every token keeps its ``intra`` most
 similar tokens of its own image and its ``inter`` most similar of the other images (cosine similarity,
 self excluded), similarities <= ``threshold`` are dropped, and the graph is symmetrised, (A + Aᵀ) / 2,
-and row-normalised. ``qk`` graphs compare normalised queries with normalised keys, ``vv`` graphs
+and row-normalised. ``kq`` graphs compare normalised queries with normalised keys, ``vv`` graphs
 normalised values with each other. The neighbour search runs over row chunks, so memory is bounded by
 the batch.
 
@@ -24,17 +24,19 @@ average of the whole table. What is evaluated is softmax(EMA): the EMA starts at
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.extract import is_coarse, join_heads
+from pipeline.errors import LdsError
+from pipeline.solve.params import DatasetSolverParams
 
 CHUNK_ELEMENTS = 1 << 24  # similarities held at once by the neighbour search (64 MiB in float32)
 
@@ -42,27 +44,6 @@ CHUNK_ELEMENTS = 1 << 24  # similarities held at once by the neighbour search (6
 Operands = tuple[np.ndarray, np.ndarray]
 # (rows of the table, draw: the number of the batch since training began, for loaders that sample)
 BatchLoader = Callable[[Sequence[int], int], list[dict[str, Operands]]]
-
-
-@dataclass(frozen=True)
-class DatasetSolverParams:
-    graph: str = "vv"
-    search: str = "bfloat16"  # dtype of the similarities of the neighbour search (float32: exact)
-    channels: int = 100
-    resolution: int = 32
-    batch_size: int = 40
-    iterations: int = 5
-    epochs: int = 100
-    partitions: int = 2
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    ema: float = 0.99
-    intra: int = 50
-    inter: int = 50
-    threshold: float = 0.1
-    weight_eig: float = 1.0
-    weight_ortho: float = 1.0
-    seed: int = 0
 
 
 @dataclass
@@ -77,17 +58,7 @@ class LayerGraph:
 
 def operand_names(graph: str) -> tuple[str, str]:
     """The stored arrays a graph kind compares: queries with keys, or values with values."""
-    return ("q", "k") if graph == "qk" else ("v", "v")
-
-
-def concat_heads(array: np.ndarray) -> np.ndarray:
-    """(head, y, x, dim) -> (y, x, head * dim); arrays already (y, x, features) pass through."""
-    return array if array.ndim == 3 else join_heads(array)
-
-
-def coarse_layers(grids: dict[str, tuple[int, int]], resolution: int) -> list[str]:
-    """Names of the layers whose token grid is ``resolution`` x ``resolution`` or coarser."""
-    return [name for name, grid in grids.items() if is_coarse(grid, resolution)]
+    return ("q", "k") if graph == "kq" else ("v", "v")
 
 
 def knn_graph(
@@ -314,14 +285,14 @@ class DatasetSolver:
 
     def state_dict(self) -> dict:
         return {
-            "params": asdict(self.params), "logits": self.logits, "exp_avg": self.exp_avg,
+            "params": self.params.solver_settings(), "logits": self.logits, "exp_avg": self.exp_avg,
             "exp_avg_sq": self.exp_avg_sq, "steps": self.steps, "ema": self.ema,
             "ema_updates": self.ema_updates, "epoch": self.epoch, "losses": self.losses,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; it must come from the same parameters and number of images."""
-        if state["params"] != asdict(self.params) or state["logits"].shape != self.logits.shape:
+        if state["params"] != self.params.solver_settings() or state["logits"].shape != self.logits.shape:
             raise ValueError("the saved state belongs to other parameters or another number of images")
         for name in ("logits", "exp_avg", "exp_avg_sq", "steps", "ema"):
             setattr(self, name, state[name])
@@ -340,3 +311,126 @@ def dataset_orthogonalise(x: np.ndarray) -> np.ndarray:
     gram = sum(unit(image, norms) @ unit(image, norms).T for image in x)
     basis = np.linalg.eigh(gram)[1][:, ::-1]
     return np.stack([(basis.T @ unit(image, norms)).reshape(image.shape) for image in x]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------- the stage's work (lds solve-dataset)
+
+
+def layer_grid(array) -> tuple[int, int]:
+    """The token grid of a stored q/k/v array: (head, y, x, dim), (timestep, head, y, x, dim), or heads
+    already concatenated (y, x, dim)."""
+    return tuple(array.shape[-3:-1])
+
+
+def read_operands(image, layers: list[str], graph: str, resolution: int, item: str, pick: np.random.Generator) -> dict:
+    """The graph operands (heads concatenated) of one image's chosen layers, from `lds extract` arrays.
+    Where several timesteps are stored (Stable Diffusion), ``pick`` draws one, the same for every layer."""
+    from pipeline.extract.core import join_heads, stored_array
+
+    stored = image["layers"]
+    missing = [name for name in layers if name not in stored]
+    if missing:
+        raise LdsError(f"image {item} has no layer {missing[0]}; all shards must come from the same model")
+    left_name, right_name = operand_names(graph)
+    first = stored[layers[0]][left_name]
+    timestep = int(pick.integers(first.shape[0])) if first.ndim == 5 else ...
+
+    def read(name: str, array: str) -> np.ndarray:
+        return join_heads(stored_array(stored[name], array, timestep))
+
+    operands = {}
+    for name in layers:
+        left = read(name, left_name)
+        right = left if right_name == left_name else read(name, right_name)
+        if max(left.shape[:2]) > resolution:
+            raise LdsError(f"layer {name} of image {item} is {left.shape[0]}x{left.shape[1]}, finer than --resolution {resolution}")
+        operands[name] = (left, right)
+    return operands
+
+
+def pick_layers(coarse: list[str], wanted: str | None) -> list[str]:
+    """The layers a comma-separated ``--layers`` names (stored names, or indices among ``coarse``, the
+    layers at the solver's resolution or coarser); all of ``coarse`` when it names none."""
+    if not wanted:
+        return coarse
+    picked = []
+    for name in (part.strip() for part in wanted.split(",") if part.strip()):
+        if name in coarse:
+            picked.append(name)
+        elif name.lstrip("-").isdigit() and -len(coarse) <= int(name) < len(coarse):
+            picked.append(coarse[int(name)])
+        else:
+            raise LdsError(f"layer {name!r} is not among the layers at the solver's resolution or coarser: {', '.join(coarse)}")
+    return list(dict.fromkeys(picked))
+
+
+def dataset_layers(image, params: DatasetSolverParams, artifact: str = "the extract artifact") -> list[str]:
+    """The layers the solver reads, by one image's stored ones (``image``: an extract item group): those at
+    ``params.resolution`` or coarser that ``params.layers`` names (default: all). ``artifact`` names the
+    extract in the error when there is none."""
+    from pipeline.extract.core import is_coarse
+
+    grids = {name: layer_grid(group[operand_names(params.graph)[0]]) for name, group in sorted(image["layers"].groups())}
+    coarse = [name for name, grid in grids.items() if is_coarse(grid, params.resolution)]
+    if not coarse:
+        coarsest = min(grids.values(), key=lambda g: g[0] * g[1]) if grids else None
+        raise LdsError(f"{artifact} has no attention layer at {params.resolution}x{params.resolution} or coarser "
+                       f"(coarsest: {coarsest}); preprocess to a smaller size or raise --resolution")
+    return pick_layers(coarse, params.layers)
+
+
+def save_checkpoint(store, state: dict, name: str) -> None:
+    """Write the solver state into the store (a pipeline.store.Store), whole or not at all."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    store.write_file(name, buffer.getvalue())
+
+
+def load_checkpoint(store, name: str) -> dict | None:
+    """The solver state saved under ``name``, or None when there is none."""
+    data = store.read_file(name)
+    return None if data is None else torch.load(io.BytesIO(data), weights_only=True)
+
+
+@dataclass
+class JointSolution:
+    """What `lds solve-dataset` publishes: X (image, C, R, R), the dataset's X_ortho, the losses (epoch, batch)."""
+
+    x: np.ndarray
+    x_ortho: np.ndarray
+    losses: np.ndarray
+
+    def item_arrays(self, image: int) -> dict:
+        """The arrays of one image (its row of the table), as `lds solve` names them."""
+        from pipeline.store import ArraySpec
+
+        return {
+            "X": ArraySpec(self.x[image], ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (softmax over channels), EMA of the dataset-level solver"}),
+            "X_ortho": ArraySpec(self.x_ortho[image], ("component", "y", "x"), {"description": "X re-orthogonalised by one SVD over the whole dataset (U S), decreasing order"}),
+        }
+
+    def root_arrays(self) -> dict:
+        from pipeline.store import ArraySpec
+
+        return {"losses": ArraySpec(self.losses, ("epoch", "batch"), {"description": "loss at the last iteration of each batch"})}
+
+
+def solve_jointly(
+    images: list[tuple[Any, str]], layers: list[str], params: DatasetSolverParams, device: str = "cpu",
+    state: dict | None = None, on_epoch: Callable[[DatasetSolver], None] | None = None, progress: bool = False,
+) -> JointSolution:
+    """`lds solve-dataset`'s work: one X per image of ``images`` ((the items group of its extract artifact, its
+    name), in the table's order; each read when its batch is first built), solved jointly on ``layers`` (``dataset_layers``), operands drawn reproducibly per (seed, batch
+    draw, row). ``state``: a checkpoint to resume from; ``on_epoch(solver)`` runs after every epoch (to save
+    one)."""
+
+    def load_batch(rows: Sequence[int], draw: int) -> list[dict[str, Operands]]:
+        return [read_operands(images[r][0][images[r][1]], layers, params.graph, params.resolution, images[r][1],
+                              np.random.default_rng([params.seed, draw, r])) for r in rows]
+
+    solver = DatasetSolver(len(images), params, device)
+    if state is not None:
+        solver.load_state_dict(state)
+    solver.train(load_batch, on_epoch, progress)
+    x = solver.solution()
+    return JointSolution(x, dataset_orthogonalise(x), np.array(solver.losses, dtype=np.float32))

@@ -118,14 +118,12 @@ def xy_regression(features: np.ndarray, grid: int = 32, seed: int = 0, train_fra
 
 def instance_ground_truth(image_id: int, masks: np.ndarray, crowd: np.ndarray) -> tuple[dict, list[dict]]:
     """A COCO image record and class-agnostic annotations (category 1) for object masks (n, y, x)."""
-    from pycocotools import mask as mask_utils
+    from pipeline.data.coco import encode_mask
 
     image = {"id": int(image_id), "height": int(masks.shape[1]), "width": int(masks.shape[2])}
     annotations = []
     for mask, is_crowd in zip(masks, crowd):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        box = mask_utils.toBbox(rle).tolist()
-        rle["counts"] = rle["counts"].decode("ascii")
+        rle, box = encode_mask(mask)
         annotations.append({
             "image_id": int(image_id), "category_id": 1, "segmentation": rle, "area": float(mask.sum()),
             "bbox": box, "iscrowd": int(is_crowd),
