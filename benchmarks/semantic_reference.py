@@ -1,13 +1,16 @@
 """What dataset-level semantic mIoU (K = 21, Hungarian) the features of a voc-dataset run allow (issue 13).
 
 Reads a finished ``lds bench quality`` voc-dataset run (its solve manifests) and the store, and scores
-three K-Means decodings of two feature sets, every one with 21 labels and Hungarian matching:
+four K-Means decodings of two feature sets, every one with 21 labels and Hungarian matching:
 
 - ``all tokens``: one K-Means, K = 21, over every token (what ``lds cluster`` does);
 - ``foreground tokens``: per image, K-Means K = 2 on its tokens, the side touching more of the image
   border is background; one K-Means, K = 20, over the foreground tokens of all images;
 - ``one class per image``: the same foreground, each image's mean foreground feature clustered into 20
-  (the Deep Spectral Methods recipe: one semantic segment per image).
+  (the Deep Spectral Methods recipe: one semantic segment per image);
+- ``one class per image, true foreground``: the same recipe on the ground truth's foreground (every
+  labelled class but background, at token resolution): what the recipe reaches with a perfect
+  foreground, a ceiling for the features rather than a result.
 
 Features: the solve-dataset X_ortho (first 21 components) and the raw DINOv2 features of one layer
 (``--layer block11/v``, heads concatenated, as extract stored them; needs ``extract.keep: all``).
@@ -28,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.data import IGNORE  # noqa: E402
 from pipeline.decode.kmeans import upsample_labels  # noqa: E402
 from pipeline.evaluate.metrics import add_confusion, confusion_matrix, matched_scores  # noqa: E402
 from pipeline.store import ArtifactRef, Store  # noqa: E402
@@ -74,6 +78,14 @@ def foreground(features: np.ndarray, seed: int) -> np.ndarray:
     return sides != int(np.argmax([border_share(sides == side) for side in (0, 1)]))
 
 
+def true_foreground(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The ground truth's foreground (any class but background 0 and ignore) at token resolution, (y, x) bool."""
+    from PIL import Image
+
+    tokens = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(grid[::-1], Image.Resampling.NEAREST))
+    return (tokens != 0) & (tokens != IGNORE)
+
+
 def miou(images: list[tuple[np.ndarray, np.ndarray]], predictions: list[np.ndarray]) -> float:
     """Hungarian-matched mIoU (percent) of token label maps against the pixel labels."""
     total = np.zeros((CLASSES, CLASSES), dtype=np.int64)
@@ -94,10 +106,21 @@ def decodings(images: list[tuple[np.ndarray, np.ndarray]], seed: int) -> dict[st
     masks = [foreground(features, seed).ravel() for features, _ in images]
     model = KMeans(CLASSES - 1, n_init=4, random_state=seed).fit(np.concatenate([t[m] for t, m in zip(tokens, masks)]))
     scores["foreground tokens"] = miou(images, [np.where(m, model.predict(t), CLASSES - 1).reshape(s) for t, m, s in zip(tokens, masks, shapes)])
+    scores["one class per image"] = one_class_per_image(images, tokens, masks, seed)
+    truth = [true_foreground(labels, shape).ravel() for (_, labels), shape in zip(images, shapes)]
+    scores["one class per image, true foreground"] = one_class_per_image(images, tokens, truth, seed)
+    return scores
+
+
+def one_class_per_image(images, tokens: list[np.ndarray], masks: list[np.ndarray], seed: int) -> float:
+    """The Deep Spectral Methods recipe: each image's mean feature over its foreground ``masks``
+    clustered into 20 across images, the rest background; mIoU (percent)."""
+    from sklearn.cluster import KMeans
+
     means = np.stack([t[m].mean(0) if m.any() else t.mean(0) for t, m in zip(tokens, masks)])
     per_image = KMeans(CLASSES - 1, n_init=10, random_state=seed).fit_predict(means)
-    scores["one class per image"] = miou(images, [np.where(m, c, CLASSES - 1).reshape(s) for m, c, s in zip(masks, per_image, shapes)])
-    return scores
+    shapes = [features.shape[1:] for features, _ in images]
+    return miou(images, [np.where(m, c, CLASSES - 1).reshape(s) for m, c, s in zip(masks, per_image, shapes)])
 
 
 def class_table(images: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[int, float, int]]:
@@ -116,7 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     store = Store(args.store)
     x_ortho = load(args.run, store, None)
-    print("| features | " + " | ".join(("all tokens", "foreground tokens", "one class per image")) + " |\n|---|---|---|---|")
+    columns = ("all tokens", "foreground tokens", "one class per image", "one class per image, true foreground")
+    print("| features | " + " | ".join(columns) + " |\n|---|---|---|---|---|")
     sets = [("solve-dataset X_ortho (21 components)", x_ortho)] + ([(f"raw {args.layer}", load(args.run, store, args.layer))] if args.layer else [])
     for name, images in sets:
         print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in decodings(images, args.seed).values()) + " |")
