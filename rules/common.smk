@@ -177,15 +177,19 @@ WORKFLOW_KEYS = {"extract": ("weights", "keep"), "solve": ("level", "graph")}
 
 def command_options(section: str, overrides: dict | None = None) -> str:
     """The `lds` options of a config section (with ``overrides``), in the schema's order: key `max_timestep`
-    as `--max-timestep VALUE`, a list comma-joined, true as a bare flag; null, false and empty lists left
-    out (the default)."""
+    as `--max-timestep VALUE`, a list comma-joined, true as a bare flag, false as `--no-KEY` where the
+    default is true; null, other false values and empty lists left out (the default)."""
     parts = []
+    section_schema = SCHEMA["properties"][section]["properties"]
     values = {**config[section], **(overrides or {})}
-    for key in SCHEMA["properties"][section]["properties"]:
+    for key in section_schema:
         value = values.get(key)
+        flag = "--" + key.replace("_", "-")
+        if value is False and section_schema[key].get("default") is True and key not in WORKFLOW_KEYS.get(section, ()):
+            parts.append("--no-" + key.replace("_", "-"))
+            continue
         if key in WORKFLOW_KEYS.get(section, ()) or value is None or value is False or value == []:
             continue
-        flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
         else:

@@ -141,7 +141,8 @@ WORKFLOW_CONFIG = {
     "models": ["tiny-vit"],
     "solve": {"solver": "adam", "graph": "vv", "variant": "laplacian", "layers": [0, -1], "heads": [1, 2], "channels": 7,
               "parameterisation": "free", "init": "exact", "steps": 9, "lr": 0.002, "weight_eig": 1.5, "weight_ortho": 0.5,
-              "accumulate": 3, "buffer": 4, "refresh": 0.5, "seed": 3, "level": "image", "device": "cpu"},
+              "accumulate": 3, "buffer": 4, "refresh": 0.5, "seed": 3, "level": "image", "device": "cpu",
+              "layer_diagnostics": False},
     "extract": {"seed": 2, "dtype": "float32", "timesteps": 6, "max_timestep": 300, "max_resolution": 32,
                 "concat_heads": True, "upsample_to": 12, "device": "cpu", "weights": {"tiny-vit": "my weights.pth"}},
 }
@@ -200,6 +201,7 @@ def test_the_workflow_passes_every_config_value_to_solve_and_extract(tmp_path):
     for section in ("solve", "extract"):
         passed_on(run, section, WORKFLOW_CONFIG)
     assert "--accumulate 3" in run.stdout and "--layers 0,-1" in run.stdout and "--graph vv" in run.stdout
+    assert "--no-layer-diagnostics" in run.stdout  # a false whose default is true is passed on as --no-KEY
     assert printed_command(run.stdout, "extract")[4:6] == ["--weights", "my weights.pth"]
 
 

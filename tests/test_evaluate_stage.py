@@ -137,3 +137,18 @@ def test_what_is_written_beside_the_artifact(tmp_path):
     views = contact_sheet_views(two_images(tmp_path), limit=1)
     assert [v.item for v in views] == ["a"] and views[0].proposals.shape == (1, 8, 8)
     np.testing.assert_array_equal(views[0].semantic, LEFT)  # the clusters of lds cluster where given
+
+
+def test_layer_profile_keeps_the_agreement_of_solves_made_without_layer_diagnostics():
+    from pipeline.evaluate.stage import layer_profile
+
+    solved = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    graphs = ["fine/head0", "fine/head1", "coarse/head0"]
+    for index, item in enumerate(("a", "b")):
+        group = solved.create_group(item)
+        group.attrs["graphs"] = graphs
+        group.create_array("eigenvalues", data=np.full((3, 2), 0.5 + index / 4))
+    profile = layer_profile([(None, solved, None, ["a", "b"])])
+    assert profile["xy_r2"] == []
+    assert [(layer, head) for layer, head, _ in profile["agreement"]] == [("fine", "head0"), ("fine", "head1"), ("coarse", "head0")]
+    np.testing.assert_allclose([value for _, _, value in profile["agreement"]], 0.625)

@@ -431,3 +431,14 @@ def test_solve_image_selects_layers_and_heads_and_takes_every_attention_set():
     arrays, attrs = solve_image(timesteps, SolverParams(channels=4, steps=5, accumulate=2, parameterisation="free"))
     assert attrs["attention_sets"] == 2 and attrs["layers"] == ["fine", "coarse"]  # each layer's R² from the first set
     assert attrs["graphs"][0] in ("fine@t5/head0", "fine@t9/head0") and arrays["losses"].data.shape == (5,)
+
+
+def test_solve_image_without_layer_diagnostics_stores_the_same_solution_without_the_per_layer_r2():
+    layer_sets = [planted_layers(np.random.default_rng(6))]
+    full, full_attrs = solve_image(layer_sets, SolverParams(solver="exact", channels=4))
+    params = SolverParams(solver="exact", channels=4, layer_diagnostics=False)
+    lean, lean_attrs = solve_image(layer_sets, params)
+    assert set(full) - set(lean) == {"layer_xy_r2"} and "layers" not in lean_attrs and lean_attrs["graphs"] == full_attrs["graphs"]
+    np.testing.assert_array_equal(lean["X_ortho"].data, full["X_ortho"].data)
+    assert params.artifact_params() == {**SolverParams(solver="exact", channels=4).artifact_params(), "layer_diagnostics": False}
+    assert "layer_diagnostics" not in SolverParams().artifact_params()  # the default's artifact keys are unchanged

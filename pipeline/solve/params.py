@@ -63,6 +63,10 @@ class SolverParams:
     refresh: float = setting(0.25, minimum=0, maximum=1, help="Probability that a pass draws a new attention set, one not in the buffer.")
     seed: int = setting(0, help="Seed of X's initialisation and of the buffer's draws.")
     device: str = setting("auto", choices=DEVICES, help="auto: CUDA when present; cuda also asks the workflow's solve jobs for a GPU (resource gpu=1).")
+    layer_diagnostics: bool = setting(
+        True, flag="--layer-diagnostics/--no-layer-diagnostics",
+        help="Also store each layer's own X-Y R² (layer_xy_r2: which layers carry position, layers.png); about a third of "
+             "the exact solver's time on a CPU, so whole datasets may leave it out.")
 
     @property
     def graphs(self) -> GraphOptions:
@@ -71,8 +75,10 @@ class SolverParams:
 
     def artifact_params(self) -> dict:
         """The params of the `lds solve` artifact: the solver, its channels and graphs, and for adam its
-        settings (``accumulate`` as resolved: auto and its value make the same artifact); not the device."""
+        settings (``accumulate`` as resolved: auto and its value make the same artifact); not the device;
+        ``layer_diagnostics`` only when off."""
         params = {"solver": self.solver, "channels": self.channels, "graphs": asdict(self.graphs)}
+        params |= {} if self.layer_diagnostics else {"layer_diagnostics": False}  # the default's keys stay as they were
         return params | ({name: getattr(self, name) for name in ADAM_SETTINGS} if self.solver == "adam" else {})
 
 

@@ -58,7 +58,9 @@ def solve_image(layer_sets: list[list[LayerAttention]], params: SolverParams, de
         "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z (target 0)"}),
         "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step (empty for exact)"}),
     }
-    # each layer's own spectral embedding (its first attention set): which layers carry position
-    position = layer_xy_r2(layer_sets[0], options, params.channels, device, cache)
-    arrays["layer_xy_r2"] = ArraySpec(np.array(list(position.values())), ("layer",), {"description": "X-Y regression R² of each layer's own top eigenvectors"})
-    return arrays, {"graphs": result.graph_names, "layers": list(position), "device": device, "attention_sets": len(layer_sets)}
+    attrs = {"graphs": result.graph_names, "device": device, "attention_sets": len(layer_sets)}
+    if params.layer_diagnostics:  # each layer's own spectral embedding (its first attention set): which layers carry position
+        position = layer_xy_r2(layer_sets[0], options, params.channels, device, cache)
+        arrays["layer_xy_r2"] = ArraySpec(np.array(list(position.values())), ("layer",), {"description": "X-Y regression R² of each layer's own top eigenvectors"})
+        attrs["layers"] = list(position)
+    return arrays, attrs
