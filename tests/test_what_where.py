@@ -177,3 +177,16 @@ def test_the_workflow_solves_kq_and_vv_by_default_on_one_shared_extract(tmp_path
 def test_a_list_of_graph_kinds_for_the_dataset_level_solver_is_refused_by_the_schema(tmp_path):
     run = dry_run(tmp_path, {**CONFIG, "solve": {"level": "dataset"}, "solve_dataset": {"graph": ["vv", "kq"]}})
     assert run.returncode != 0 and "graph" in run.stdout + run.stderr
+
+
+def test_layer_figure_clips_r2_below_minus_one_and_draws_runs_without_per_layer_r2(tmp_path):
+    from pipeline.evaluate.figures import R2_FLOOR, layer_r2_points, save_layer_figure
+
+    rows = read_layers_csv(layers_csv("kq", {"agreement": [["block00", "head0", 0.5], ["block01", "head0", 0.9]],
+                                             "xy_r2": [["block00", -4.0], ["block01", 0.8]]}))
+    points = layer_r2_points(rows, ["block00", "block01", "block02"])
+    assert points[0] == R2_FLOOR == -1 and points[1] == 0.8 and np.isnan(points[2])
+    lean = read_layers_csv(layers_csv("vv", {"agreement": [["block00", "head0", 0.4]], "xy_r2": []}))
+    assert np.isnan(layer_r2_points(lean, ["block00"])).all()
+    save_layer_figure(tmp_path / "layers.png", {"vv": lean}, "no per-layer R²")  # solve.layer_diagnostics: false
+    assert (tmp_path / "layers.png").stat().st_size > 0

@@ -209,6 +209,15 @@ def save_regions_figure(path: Path, views: dict[str, ImageView], outlines: np.nd
     save_png(figure, path)
 
 
+R2_FLOOR = -1.0  # a layer's X-Y R² below this (no position at all) is drawn at it, so the others stay readable
+
+
+def layer_r2_points(rows: list[dict], layers: list[str]) -> np.ndarray:
+    """Each layer's own X-Y R² from ``rows`` (read_layers_csv), clipped below at R2_FLOOR; NaN where not stored."""
+    position = {row["layer"]: row["layer_xy_r2"] for row in rows if row["layer_xy_r2"] is not None}
+    return np.clip(np.array([position.get(layer, np.nan) for layer in layers], dtype=float), R2_FLOOR, None)
+
+
 def save_layer_figure(path: Path, profiles: dict[str, list[dict]], title: str) -> None:
     """Per graph kind side by side, each head's agreement with the joint eigenvectors (layers down, heads
     across, averaged over the images), then each layer's own X-Y R², a line per graph kind. ``profiles``:
@@ -230,12 +239,17 @@ def save_layer_figure(path: Path, profiles: dict[str, list[dict]], title: str) -
         axis.set_xlabel("head", fontsize=7)
     figure.colorbar(image, ax=list(axes[0, :-1]), fraction=0.04)  # one scale for every graph kind
     axis = axes[0, -1]
-    for graph, rows in profiles.items():
-        position = {row["layer"]: row["layer_xy_r2"] for row in rows if row["layer_xy_r2"] is not None}
-        axis.plot([position.get(layer, np.nan) for layer in layers], range(len(layers)), marker="o", label=graph)
+    curves = {graph: layer_r2_points(rows, layers) for graph, rows in profiles.items()}
+    for graph, points in curves.items():
+        axis.plot(points, range(len(layers)), marker="o", label=graph)
     axis.set_yticks(range(len(layers)), layers, fontsize=6)
     axis.invert_yaxis()
-    axis.set_title("X-Y R² of each layer's own eigenvectors", fontsize=8)
-    axis.legend(fontsize=7)
+    axis.set_xlim(R2_FLOOR - 0.05, 1.05)
+    axis.set_title("each layer's own X-Y R²", fontsize=8)
+    axis.set_xlabel(f"R² of its own eigenvectors (below {R2_FLOOR:g}: at {R2_FLOOR:g})", fontsize=7)
+    if any(np.isfinite(points).any() for points in curves.values()):
+        axis.legend(fontsize=7)
+    else:
+        axis.text(0.5, 0.5, "not computed\n(solve.layer_diagnostics: false)", ha="center", va="center", fontsize=7, transform=axis.transAxes)
     figure.suptitle(title, fontsize=8)
     save_png(figure, path)
