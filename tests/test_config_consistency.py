@@ -6,9 +6,7 @@ differences, and that the Snakefile passes every config value on to the command 
 
 from __future__ import annotations
 
-import shlex
 import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from stages.extract import extract
 from stages.schema import derived_schema
 from stages.solve import solve
 from stages.solve_dataset import solve_dataset
+from workflow_runs import dry_run, printed_commands
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
@@ -153,25 +152,6 @@ DATASET_CONFIG = {
 }
 
 
-def dry_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", "1", "--dry-run", "-p"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
-def printed_command(log: str, stage: str) -> list[str]:
-    """The arguments after `-m stages STAGE` of the first such command the dry-run printed, up to the
-    redirection of its output to the job's log (checked)."""
-    marker = f" -m stages {stage} "
-    line = next(line for line in log.splitlines() if marker in line)
-    args = shlex.split(line[line.index(marker) + len(marker):])
-    redirect = args.index(">")
-    assert args[redirect + 1].startswith("results/logs/") and args[redirect + 2:] == ["2>&1"], args[redirect:]
-    return args[:redirect]
-
-
 def as_config(value):
     """A parsed option value as the config spells it: comma lists (tuples of the params, or text) as lists of
     ints or names, paths as text."""
@@ -185,7 +165,7 @@ def as_config(value):
 def passed_on(run: subprocess.CompletedProcess, section: str, config: dict) -> dict:
     """Every config value of ``section`` reached the printed `lds` command line (returned, parsed, by key)."""
     command = COMMANDS[section]
-    args = printed_command(run.stdout, section.replace("_", "-"))
+    args = printed_commands(run.stdout)[section.replace("_", "-")][0]
     parsed = command.make_context(section, args).params
     by_key = {key: parsed[option.name] for key, option in options(command).items()}
     expected = {key: value for key, value in config[section].items() if key not in WORKFLOW_ONLY[section]}
@@ -202,7 +182,7 @@ def test_the_workflow_passes_every_config_value_to_solve_and_extract(tmp_path):
         passed_on(run, section, WORKFLOW_CONFIG)
     assert "--accumulate 3" in run.stdout and "--layers 0,-1" in run.stdout and "--graph vv" in run.stdout
     assert "--no-layer-diagnostics" in run.stdout  # a false whose default is true is passed on as --no-KEY
-    assert printed_command(run.stdout, "extract")[4:6] == ["--weights", "my weights.pth"]
+    assert printed_commands(run.stdout)["extract"][0][4:6] == ["--weights", "my weights.pth"]
 
 
 def test_the_workflow_passes_every_config_value_to_solve_dataset(tmp_path):

@@ -4,9 +4,6 @@ METHOD.md's values (pinned below); and the Snakefile passes the config's values 
 
 from __future__ import annotations
 
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -25,6 +22,7 @@ from stages.cluster import cluster
 from stages.decode import decode
 from stages.options import params_from
 from stages.zeroshot import zeroshot
+from workflow_runs import dry_run, printed_commands
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
@@ -113,18 +111,9 @@ WORKFLOW_CONFIG = {
 def dry_run_commands(workdir: Path, config: dict) -> dict[str, list[list[str]]]:
     """The arguments of every `lds` command a dry run of the workflow prints, by stage (up to the
     redirection of its output to the job's log)."""
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", "1", "--dry-run", "-p"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = dry_run(workdir, config)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    found: dict[str, list[list[str]]] = {}
-    for line in run.stdout.splitlines():
-        if " -m stages " in line:
-            stage, *args = shlex.split(line[line.index(" -m stages ") + len(" -m stages "):])
-            found.setdefault(stage, []).append(args[: args.index(">")])
-    return found
+    return printed_commands(run.stdout)
 
 
 def settings_of(stage: str, args: list[str]):

@@ -3,7 +3,6 @@ version and code hash in stages/stage_code.json (`python -m stages.versions --up
 
 import json
 import shutil
-from pathlib import Path
 
 from stages.versions import REPO, RECORD, STAGE_VERSIONS, current, normalised, problems
 

@@ -4,12 +4,9 @@ runs of a model apart, and per-layer agreement and single-layer X-Y R² singling
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 from click.testing import CliRunner
 
 from pipeline.extract.core import LayerAttention
@@ -18,6 +15,7 @@ from pipeline.evaluate.report import csv_report, markdown_report, tables, what_w
 from pipeline.solve.params import GraphOptions
 from pipeline.store import ArraySpec, ArtifactRef, Store
 from stages.cli import cli
+from workflow_runs import TINY, dry_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,22 +134,7 @@ def test_the_single_layer_embedding_of_a_layer_attending_to_its_neighbours_carri
 
 # ------------------------------------------------------------------------------------------ workflow
 
-CONFIG = {
-    "store": "store",
-    "results": "results",
-    "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
-    "models": ["tiny-vit"],
-    "preprocess": {"size": 96},
-    "solve": {"solver": "exact", "channels": 4},
-    "extract": {"keep": "until-consumed"},
-}
-
-
-def dry_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "1", "--dry-run", "-p"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+CONFIG = {**TINY, "solve": {"solver": "exact", "channels": 4}, "extract": {"keep": "until-consumed"}}
 
 
 def test_the_workflow_solves_kq_and_vv_by_default_on_one_shared_extract(tmp_path):

@@ -5,20 +5,14 @@ baselines and zero-shot labels wired into the DAG."""
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+from workflow_runs import REPO, SNAKEMAKE, TINY, write_config
 
 CONFIG = {
-    "store": "store",
-    "results": "results",
-    "datasets": {"shapes": {"spec": "synthetic-shapes:4", "images_per_shard": 2}},
-    "models": ["tiny-vit"],
-    "preprocess": {"size": 96},
+    **TINY,
     "solve": {"solver": "exact", "graph": "kq", "channels": 4},  # one run per model (kq and vv: test_what_where.py)
     "decode": {"clusters": 3},
 }
@@ -36,8 +30,7 @@ DATASET_LEVEL = {
 
 
 def snakemake(workdir: Path, config: dict, *extra: str) -> subprocess.CompletedProcess:
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    write_config(workdir, config)
     run = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *extra], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     return run
