@@ -30,7 +30,7 @@ def baseline(input_manifest, store_root, manifest, **settings):
     images = store.open(source)["items"]
 
     def compute(item: str):
-        from stages.solve import read_layer_sets
+        from pipeline.solve.stage import read_layer_sets
 
         return *baseline_image(read_layer_sets(images[item])[0], params), {}  # Stable Diffusion: the first stored timestep
 

@@ -7,16 +7,10 @@ from pathlib import Path
 import click
 
 from pipeline.decode.regions import DecodeParams, decode_image, decode_settings, original_coco_results, save_figures
+from pipeline.evaluate.figures import model_caption
 from pipeline.store import Store
 from stages.common import input_option, manifest_option, provenance, read_manifest, run_stage, store_option, upstream, write_json_atomic
 from stages.options import click_options, params_from
-
-
-def model_caption(attrs: dict) -> str:
-    """'model tiny-vit (random initialisation (NOT pretrained))': said on every figure, with the weights'
-    source when the model has one."""
-    weights = attrs.get("weights", "unknown weights")
-    return f"model {attrs.get('model', '?')} ({weights}{'; ' + attrs['source'] if attrs.get('source') else ''})"
 
 
 @click.command()

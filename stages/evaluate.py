@@ -19,7 +19,7 @@ from stages.common import (
     dask_scheduler_option, log, manifest_option, provenance, read_manifest, run_stage, store_option, upstream,
     write_json_atomic, write_text_atomic,
 )
-from stages.decode import model_caption
+from pipeline.evaluate.figures import model_caption
 from stages.options import click_options, params_from
 from stages.zeroshot import zeroshot_confusion
 

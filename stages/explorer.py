@@ -13,7 +13,7 @@ from typing import Any, Callable
 from pipeline.evaluate.explorer import Explorer, ImageEntry, image_page
 from pipeline.store import ArtifactRef, Store
 from stages.common import upstream, write_text_atomic
-from stages.decode import model_caption
+from pipeline.evaluate.figures import model_caption
 
 EXPLORER = "explorer"  # the folder under the results folder
 

@@ -11,7 +11,7 @@ import click
 from pipeline.errors import LdsError
 from pipeline.evaluate.report import csv_report, html_index, markdown_report, read_run, run_links
 from stages.common import write_json_atomic, write_text_atomic
-from stages.decode import model_caption
+from pipeline.evaluate.figures import model_caption
 
 
 @click.command()

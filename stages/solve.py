@@ -8,7 +8,7 @@ import click
 
 from pipeline.extract.consumers import GRAPH_ARRAYS
 from pipeline.solve.params import SolverParams, resolve_accumulate
-from pipeline.solve.stage import read_layer_sets, solve_image  # read_layer_sets: lds baseline reads its layers with it
+from pipeline.solve.stage import read_layer_sets, solve_image
 from pipeline.store import Store
 from stages.common import check_extract_arrays, input_option, log, manifest_option, provenance, read_manifest, run_stage, store_option
 from stages.options import click_options, params_from

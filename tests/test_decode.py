@@ -220,7 +220,7 @@ def test_masks_map_back_to_the_original_image(shape, mode):
 
 
 def test_figure_caption_names_the_weights_and_their_source():
-    from stages.decode import model_caption
+    from pipeline.evaluate.figures import model_caption
 
     assert model_caption({"model": "tiny-vit", "weights": "random initialisation (NOT pretrained)"}) == (
         "model tiny-vit (random initialisation (NOT pretrained))"

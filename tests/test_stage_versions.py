@@ -22,8 +22,8 @@ def test_a_change_fails_for_each_stage_running_the_code_until_bumped_and_recorde
     for package in ("pipeline", "stages"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     recorded = current(tmp_path)
-    solve = tmp_path / "stages" / "solve.py"
-    solve.write_text(solve.read_text() + "\nSOMETHING_NEW = 1\n")  # lds baseline imports stages.solve: its code changed too
+    shared = tmp_path / "pipeline" / "solve" / "stage.py"  # lds solve and lds baseline both import it
+    shared.write_text(shared.read_text() + "\nSOMETHING_NEW = 1\n")
 
     changed = problems(recorded, current(tmp_path))
     assert [line.split(":")[0] for line in changed] == ["stage baseline", "stage solve"]

@@ -25,6 +25,13 @@ class ImageView:
     scores: np.ndarray | None = None  # (n,)
 
 
+def model_caption(attrs: dict) -> str:
+    """'model tiny-vit (random initialisation (NOT pretrained))': said on every figure, with the weights'
+    source when the model has one."""
+    weights = attrs.get("weights", "unknown weights")
+    return f"model {attrs.get('model', '?')} ({weights}{'; ' + attrs['source'] if attrs.get('source') else ''})"
+
+
 def rescale_rgb(channels: np.ndarray) -> np.ndarray:
     """(y, x, <=3) -> (y, x, 3) in [0, 1], each channel min-max scaled (missing channels black)."""
     rgb = channels.astype(np.float64)
