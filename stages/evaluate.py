@@ -7,11 +7,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
+import numpy as np
 
 from pipeline.evaluate.stage import (
     EvaluateParams, EvaluationInputs, Shard, cluster_prefix, evaluate_dataset, instance_truth, layers_text, metrics_record,
     run_facts, save_run_contact_sheet, without_failed,
 )
+from pipeline.errors import LdsError
 from pipeline.failures import failed_lineage
 from pipeline.store import ArtifactRef, Store
 from pipeline.store.maintenance import reachable
@@ -21,7 +23,6 @@ from stages.common import (
 )
 from pipeline.evaluate.figures import model_caption
 from stages.options import click_options, params_from
-from stages.zeroshot import zeroshot_confusion
 
 
 @click.command()
@@ -109,3 +110,24 @@ def write_outputs(store: Store, ref: ArtifactRef, source: ArtifactRef, inputs: E
         layers_path.unlink(missing_ok=True)
     if figures is not None:
         save_run_contact_sheet(figures / "contact-sheet.png", inputs, model_caption(model_attrs), facts)
+
+
+def zeroshot_confusion(store: Store, refs: list[ArtifactRef], classes: list[str] | None) -> np.ndarray | None:
+    """(truth class, predicted class + a last column for names the dataset lacks) over every labelled
+    image of the zero-shot artifacts ``refs``; None when no image has labels."""
+    from pipeline.evaluate.metrics import confusion_matrix
+    from pipeline.decode.zeroshot import to_dataset_labels
+
+    if not classes:
+        raise LdsError("zero-shot labels are scored by class name, and this dataset names no classes")
+    total = None
+    for ref in refs:
+        attrs = store.attrs(ref)
+        labelled = store.open(ref)["items"]
+        images = store.open(upstream(store, ref, "preprocess"))["items"]
+        for item in attrs["items"]:
+            if "labels" in images[item]:
+                predicted = to_dataset_labels(labelled[item]["labels"][...], attrs["classes"], classes)
+                part = confusion_matrix(images[item]["labels"][...], predicted, len(classes), len(classes) + 1)
+                total = part if total is None else total + part
+    return total

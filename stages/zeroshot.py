@@ -7,14 +7,12 @@ from functools import cache
 from pathlib import Path
 
 import click
-import numpy as np
 
 from pipeline.decode.zeroshot import (
     ClassLabels, ZeroshotParams, class_embeddings, class_names, clip_repo, last_layer_values, zeroshot_image, zeroshot_settings,
 )
-from pipeline.errors import LdsError
 from pipeline.extract.consumers import ZEROSHOT_ARRAYS
-from pipeline.store import ArtifactRef, Store
+from pipeline.store import Store
 from stages.common import (
     check_extract_arrays, input_option, manifest_option, provenance, read_manifest, require_arrays, run_stage, store_option,
     upstream,
@@ -58,22 +56,3 @@ def zeroshot(input_manifest, clip_option, weights, store_root, manifest, **setti
     run_stage(store, "zeroshot", key, [source.key], [source], list(store.attrs(source)["items"]), compute, attrs, manifest)
 
 
-def zeroshot_confusion(store: Store, refs: list[ArtifactRef], classes: list[str] | None) -> np.ndarray | None:
-    """(truth class, predicted class + a last column for names the dataset lacks) over every labelled
-    image of the zero-shot artifacts ``refs``; None when no image has labels."""
-    from pipeline.evaluate.metrics import confusion_matrix
-    from pipeline.decode.zeroshot import to_dataset_labels
-
-    if not classes:
-        raise LdsError("zero-shot labels are scored by class name, and this dataset names no classes")
-    total = None
-    for ref in refs:
-        attrs = store.attrs(ref)
-        labelled = store.open(ref)["items"]
-        images = store.open(upstream(store, ref, "preprocess"))["items"]
-        for item in attrs["items"]:
-            if "labels" in images[item]:
-                predicted = to_dataset_labels(labelled[item]["labels"][...], attrs["classes"], classes)
-                part = confusion_matrix(images[item]["labels"][...], predicted, len(classes), len(classes) + 1)
-                total = part if total is None else total + part
-    return total
