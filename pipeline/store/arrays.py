@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import time
 import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -275,6 +276,19 @@ def walk_arrays(group, prefix: str = ""):
         yield from walk_arrays(sub, f"{prefix}{name}/")
 
 
+def remove_settled(fs, path: str, attempts: int = 20, settle: float = 0.05) -> None:
+    """Remove a folder until it stays gone. After a failed write, zarr's other chunk writes of the same batch
+    are not cancelled and may still rename files in it (or make it again) while it is being removed."""
+    for _ in range(attempts):
+        if not fs.exists(path):
+            return
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:  # a file renamed under the removal
+            pass
+        time.sleep(settle)
+
+
 class ArtifactWriter:
     """Writes one artifact item by item; ``publish`` makes it visible as complete."""
 
@@ -330,8 +344,7 @@ class ArtifactWriter:
                 self.store.move_tree(tmp, final)
                 return True
         finally:
-            if fs.exists(tmp):
-                fs.rm(tmp, recursive=True)
+            remove_settled(fs, tmp)
 
     def write_root(self, arrays: dict[str, ArraySpec]) -> None:
         """Arrays that belong to the whole artifact rather than one item."""
