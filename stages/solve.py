@@ -7,6 +7,7 @@ from dataclasses import replace
 import click
 
 from pipeline.extract.consumers import GRAPH_ARRAYS
+from pipeline.solve.graphs import Workspace
 from pipeline.solve.params import SolverParams, resolve_accumulate
 from pipeline.solve.stage import read_layer_sets, solve_image
 from pipeline.store import Store
@@ -37,7 +38,7 @@ def solve(input_manifest, progress, store_root, manifest, **settings):
     if params.solver == "adam" and 1 < attention_sets <= params.buffer:
         log(f"solve: warning: the extract artifact holds {attention_sets} attention sets (timesteps), not more than "
             f"--buffer {params.buffer}, so once all are buffered no pass sees a new one; extract with more --timesteps")
-    images = store.open(source)["items"]
+    images, workspace = store.open(source)["items"], Workspace(on)
     run_stage(store, "solve", params.artifact_params(), input_keys=[source.key], inputs=[source], items=list(store.attrs(source)["items"]),
-              compute_item=lambda item: (*solve_image(read_layer_sets(images[item]), params, on, progress), {}),
+              compute_item=lambda item: (*solve_image(read_layer_sets(images[item]), params, on, progress, workspace), {}),
               attrs=provenance(store, source), manifest=manifest)

@@ -11,7 +11,7 @@ from scipy.sparse.linalg import eigsh
 from pipeline.decode.kmeans import kmeans_labels
 from pipeline.extract.core import LayerAttention
 from pipeline.evaluate.metrics import confusion_matrix, matched_scores
-from pipeline.solve.graphs import GraphSet, graph_sets
+from pipeline.solve.graphs import GraphSet, Workspace, graph_sets
 from pipeline.solve.per_image import AttentionBuffer, ExactOperator, exact_solution, finest_grid, objective, orthogonalise, solve_adam, solve_exact
 from pipeline.solve.params import GraphOptions, SolverParams, resolve_accumulate
 from pipeline.solve.stage import read_layer_sets, solve_image
@@ -431,6 +431,23 @@ def test_solve_image_selects_layers_and_heads_and_takes_every_attention_set():
     arrays, attrs = solve_image(timesteps, SolverParams(channels=4, steps=5, accumulate=2, parameterisation="free"))
     assert attrs["attention_sets"] == 2 and attrs["layers"] == ["fine", "coarse"]  # each layer's R² from the first set
     assert attrs["graphs"][0] in ("fine@t5/head0", "fine@t9/head0") and arrays["losses"].data.shape == (5,)
+
+
+@pytest.mark.parametrize("kind", ["kq", "vv"])
+def test_a_workspace_shared_by_images_of_different_sizes_gives_each_the_solution_of_fresh_memory(kind):
+    """`lds solve` passes one Workspace to every image: a larger image grows its memory, a smaller one
+    reuses part of it, and neither sees the other's graphs."""
+    rng = np.random.default_rng(8)
+    small = planted_layers(rng)
+    large = [LayerAttention(layer.name, *(np.concatenate([a, a[:, ::-1]], axis=2) for a in (layer.q, layer.k, layer.v)), 1.0)
+             for layer in planted_layers(rng)]  # a 16 x 8 grid
+    params = SolverParams(solver="exact", kind=kind, channels=4)
+    workspace = Workspace()
+    for layers in (small, large, small):
+        fresh, _ = solve_image([layers], params)
+        reused, _ = solve_image([layers], params, workspace=workspace)
+        for name in ("X_ortho", "eigenvalues", "layer_xy_r2"):
+            np.testing.assert_array_equal(reused[name].data, fresh[name].data)
 
 
 def test_solve_image_without_layer_diagnostics_stores_the_same_solution_without_the_per_layer_r2():

@@ -15,7 +15,9 @@ and one of two normalisations:
 
 Graphs are produced in row blocks, so a caller can hold a whole graph (``graph_sets``), only the sum
 over graphs (the exact solver), never more than one block (``apply_symmetrised``), or one image's
-graphs built once for all their uses (``GraphCache``).
+graphs built once for all their uses (``GraphCache``). Blocks are normalised in place and, given a
+``Workspace``, written into memory reused from image to image: on a CPU, fresh memory for an image's
+graphs costs more (page faults) than the products and softmaxes that fill it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,23 @@ BLOCK_ELEMENTS = 1 << 24  # entries of one row block over all heads (64 MiB in f
 CACHE_BYTES = 1 << 30  # one image's graphs and layer sums kept (DINOv2 ViT-S/14 at 448 px: all of them, 0.4-0.9 GiB)
 
 Block = tuple[slice, torch.Tensor, torch.Tensor | None]  # rows, block (heads, rows, N), sqrt-degree or None
+
+
+class Workspace:
+    """Memory reused from image to image (one per solving process): ``tensor(name, shape)`` hands out a
+    view of the memory kept under ``name``, grown when too small. A name's memory is shared by every
+    tensor handed out under it, so the next one overwrites the last."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        size = int(np.prod(shape))
+        kept = self.memory.get(name)
+        if kept is None or kept.numel() < size or kept.dtype != dtype:
+            kept = self.memory[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return kept[:size].view(shape)
 
 
 @dataclass
@@ -95,8 +114,12 @@ def head_names(layer: LayerAttention, options: GraphOptions) -> list[str]:
     return [f"{layer.name}/head{h}" for h in heads]
 
 
-def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu") -> Iterator[Block]:
-    """(rows, block (heads, rows, N), sqrt-degree (heads, N) or None) covering every row of the graphs."""
+def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu",
+               workspace: Workspace | None = None, name: str = "block") -> Iterator[Block]:
+    """(rows, block (heads, rows, N), sqrt-degree (heads, N) or None) covering every row of the graphs.
+
+    With a ``workspace``, random-walk blocks are written into its memory under ``name`` (plus the first
+    row): each is valid until a block of the same name is built again."""
     heads = layer.heads
     size = layer.grid[0] * layer.grid[1]
     rows_per_block = max(1, BLOCK_ELEMENTS // (heads * size))
@@ -104,7 +127,10 @@ def row_blocks(layer: LayerAttention, options: GraphOptions, device: str = "cpu"
     if options.variant == "random-walk":
         for start in range(0, size, rows_per_block):
             rows = slice(start, min(start + rows_per_block, size))
-            yield rows, _random_walk_block(left[:, rows] @ right.transpose(1, 2), options.kind), None
+            shape = (heads, rows.stop - start, size)
+            block = workspace.tensor(f"{name}:{start}", shape) if workspace else torch.empty(shape, device=device)
+            torch.matmul(left[:, rows], right.transpose(1, 2), out=block)
+            yield rows, _normalise_in_place(block, options.kind), None
         return
     # laplacian: W = exp(logits - c), symmetrised; a constant c cancels in D^-1/2 W D^-1/2
     shift = _max_logit(left, right, rows_per_block)
@@ -139,12 +165,17 @@ def graph_sets(layers: list[LayerAttention], options: GraphOptions, device: str 
 class GraphCache:
     """One image's graphs as the exact solver, its measure and the single-layer embeddings use them
     (layers as ``select(…, options)`` returns them): each layer's row blocks and its summed symmetrised
-    graph, built once and kept while all kept stay within ``budget`` bytes; beyond it, built each time."""
+    graph, built once and kept while all kept stay within ``budget`` bytes; beyond it, built each time.
 
-    def __init__(self, options: GraphOptions, device: str = "cpu", budget: int = CACHE_BYTES):
+    They live in ``workspace`` (a new one if not given): pass the same workspace to the cache of each
+    image in turn to reuse its memory; the previous image's cache is invalid from then on."""
+
+    def __init__(self, options: GraphOptions, device: str = "cpu", budget: int = CACHE_BYTES,
+                 workspace: Workspace | None = None):
         self.options = options
         self.device = device
         self.budget = budget
+        self.workspace = workspace or Workspace(device)
         self.blocks: dict[str, list[Block]] = {}
         self.sums: dict[str, torch.Tensor] = {}
 
@@ -155,30 +186,36 @@ class GraphCache:
     def row_blocks(self, layer: LayerAttention) -> Iterable[Block]:
         """``row_blocks`` of ``layer`` under this cache's options."""
         if layer.name not in self.blocks:
-            built = row_blocks(layer, self.options, self.device)
             if not self.fits(4 * layer.heads * (layer.grid[0] * layer.grid[1]) ** 2):
-                return built
-            self.blocks[layer.name] = list(built)
+                return row_blocks(layer, self.options, self.device, self.workspace, "streamed")
+            self.blocks[layer.name] = list(row_blocks(layer, self.options, self.device, self.workspace, f"graph {layer.name}"))
         return self.blocks[layer.name]
 
     def summed_symmetrised(self, layer: LayerAttention) -> torch.Tensor:
         """``summed_symmetrised`` of ``layer`` under this cache's options, from its row blocks."""
         if layer.name not in self.sums:
-            summed = summed_symmetrised(layer, self.options, self.device, self.row_blocks(layer))
-            if not self.fits(summed.nbytes):
+            size = layer.grid[0] * layer.grid[1]
+            kept = self.fits(8 * size * size)
+            summed = summed_symmetrised(layer, self.options, self.device, self.row_blocks(layer),
+                                        self.workspace if kept else None, f"sum {layer.name}")
+            if not kept:
                 return summed
             self.sums[layer.name] = summed
         return self.sums[layer.name]
 
 
 def summed_symmetrised(layer: LayerAttention, options: GraphOptions, device: str = "cpu",
-                       blocks: Iterable[Block] | None = None) -> torch.Tensor:
-    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, from its row blocks (built if not given)."""
+                       blocks: Iterable[Block] | None = None, workspace: Workspace | None = None,
+                       name: str = "sum") -> torch.Tensor:
+    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, from its row blocks (built if not
+    given); in ``workspace``'s memory under ``name`` if given."""
     size = layer.grid[0] * layer.grid[1]
-    total = torch.zeros(size, size, dtype=torch.float64, device=device)
+    total = workspace.tensor(name, (size, size), torch.float64) if workspace else torch.empty(size, size, dtype=torch.float64, device=device)
+    transposed = workspace.tensor("transposed", (size, size), torch.float64) if workspace else None
     for rows, block, _ in row_blocks(layer, options, device) if blocks is None else blocks:
-        total[rows] = block.sum(0)
-    return (total + total.T) / 2
+        total[rows] = block.sum(0)  # summed in float32: torch's float64 sum of float32 is ten times slower
+    transposed = total.T.clone() if transposed is None else transposed.copy_(total.T)
+    return total.add_(transposed).mul_(0.5)
 
 
 def apply_symmetrised(layer: LayerAttention, options: GraphOptions, vectors: torch.Tensor) -> torch.Tensor:
@@ -202,11 +239,13 @@ def _operands(layer: LayerAttention, kind: str, device: str) -> tuple[torch.Tens
     return values, values
 
 
-def _random_walk_block(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "kq":
-        return torch.softmax(logits, dim=-1)
-    weights = logits.clamp_min(0)
-    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+def _normalise_in_place(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Logits -> random-walk graph rows, overwriting ``logits``: kq a softmax over keys; vv negative
+    similarities clipped to 0, rows normalised to sum to 1."""
+    if kind == "kq":  # torch.softmax's kernel (bitwise the same values), writing over its input
+        return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+    logits.clamp_min_(0)
+    return logits.div_(logits.sum(-1, keepdim=True).clamp_min_(1e-12))
 
 
 def _max_logit(left: torch.Tensor, right: torch.Tensor, rows_per_block: int) -> torch.Tensor:

@@ -254,7 +254,10 @@ class ExactOperator:
                 streamed.append(layer)
                 continue
             summed = cache.summed_symmetrised(layer) if cache else summed_symmetrised(layer, options, device)
-            dense[layer.grid] = dense[layer.grid] + summed if layer.grid in dense else summed
+            if layer.grid in dense:
+                dense[layer.grid].add_(summed)
+            else:
+                dense[layer.grid] = summed.clone()
         grid = max((layer.grid for layer in chosen), key=lambda g: g[0] * g[1])
         return cls(grid, dense, streamed, options)
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.extract.consumers import ARRAYS
 from pipeline.extract.core import LayerAttention, stored_array
-from pipeline.solve.graphs import GraphCache, timestep_name
+from pipeline.solve.graphs import GraphCache, Workspace, timestep_name
 from pipeline.solve.layers import layer_xy_r2
 from pipeline.solve.params import SolverParams
 from pipeline.solve.per_image import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
@@ -34,15 +34,16 @@ def read_layer_sets(item_group) -> list[list[LayerAttention]]:
 
 
 def solve_image(layer_sets: list[list[LayerAttention]], params: SolverParams, device: str = "cpu",
-                progress: bool = False) -> tuple[dict, dict]:
+                progress: bool = False, workspace: Workspace | None = None) -> tuple[dict, dict]:
     """Solve for X on the graphs of every selected head of every layer of one image (``layer_sets``: one
     list of layers per attention set, ``read_layer_sets``) -> (arrays, attributes) as `lds solve` stores
-    them. ``device``: resolved (cpu, cuda, cuda:N)."""
+    them. ``device``: resolved (cpu, cuda, cuda:N); ``workspace``: memory for the graphs, reused when the
+    same one is passed for each image in turn."""
     from pipeline.store import ArraySpec
 
     every_layer = [layer for layers in layer_sets for layer in layers]
     options = params.graphs
-    cache = GraphCache(options, device)  # each graph built once for the operator, its measure and the layers' own
+    cache = GraphCache(options, device, workspace=workspace)  # each graph built once for the operator, its measure and the layers' own
     u = None
     if params.solver == "exact" or params.init == "exact":
         u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, device, cache=cache), params)
