@@ -85,13 +85,22 @@ def test_graph_cache_builds_each_layer_once_while_within_its_budget(monkeypatch,
     expected = {layer.name: (summed_symmetrised(layer, options), graph_sets([layer], options)[0].matrices) for layer in (small, large)}
     built = []
     monkeypatch.setattr(graphs, "row_blocks", lambda layer, *args: built.append(layer.name) or row_blocks(layer, *args))
-    cache = GraphCache(options, budget=4 * 2 * 12**2 + 8 * 12**2)  # the small layer's graphs and sum: the large one's do not fit
+    cache = GraphCache(options, budget=4 * 2 * 12**2)  # the small layer's graphs: the large one's do not fit
     for layer in (small, large, small, large):
         summed, matrices = expected[layer.name]
-        np.testing.assert_array_equal(cache.summed_symmetrised(layer).numpy(), summed.numpy())
+        np.testing.assert_array_equal(summed_symmetrised(layer, options, blocks=cache.row_blocks).numpy(), summed.numpy())
         np.testing.assert_array_equal(torch.cat([block for _, block, _ in cache.row_blocks(layer)], 1).numpy(), matrices.numpy())
-    assert list(cache.blocks) == list(cache.sums) == ["a"]
+    assert list(cache.blocks) == ["a"]
     assert built == ["a", "b", "b", "b", "b"]  # the large layer's graphs are built again each time
+
+
+@pytest.mark.parametrize("kind", ["kq", "vv"])
+def test_summed_symmetrised_over_several_layers_is_the_sum_of_each_layers(kind):
+    rng = np.random.default_rng(9)
+    layers = [random_layer(name, rng, heads=3, grid=(4, 5)) for name in "abc"]
+    options = GraphOptions(kind)
+    each = sum(summed_symmetrised(layer, options) for layer in layers)
+    np.testing.assert_allclose(summed_symmetrised(layers, options, workspace=graphs.Workspace()).numpy(), each.numpy(), rtol=1e-12)
 
 
 def test_laplacian_objective_matches_numpy_and_is_differentiable():

@@ -23,7 +23,7 @@ graphs costs more (page faults) than the products and softmaxes that fill it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from pipeline.extract.core import LayerAttention
 from pipeline.solve.params import GraphOptions
 
 BLOCK_ELEMENTS = 1 << 24  # entries of one row block over all heads (64 MiB in float32)
-CACHE_BYTES = 1 << 30  # one image's graphs and layer sums kept (DINOv2 ViT-S/14 at 448 px: all of them, 0.4-0.9 GiB)
+CACHE_BYTES = 1 << 30  # one image's graphs kept (DINOv2 ViT-S/14 at 448 px: all of them, 0.3-0.7 GiB)
 
 Block = tuple[slice, torch.Tensor, torch.Tensor | None]  # rows, block (heads, rows, N), sqrt-degree or None
 
@@ -164,8 +164,8 @@ def graph_sets(layers: list[LayerAttention], options: GraphOptions, device: str 
 
 class GraphCache:
     """One image's graphs as the exact solver, its measure and the single-layer embeddings use them
-    (layers as ``select(…, options)`` returns them): each layer's row blocks and its summed symmetrised
-    graph, built once and kept while all kept stay within ``budget`` bytes; beyond it, built each time.
+    (layers as ``select(…, options)`` returns them): each layer's row blocks, built once and kept while
+    all kept stay within ``budget`` bytes; beyond it, built each time.
 
     They live in ``workspace`` (a new one if not given): pass the same workspace to the cache of each
     image in turn to reuse its memory; the previous image's cache is invalid from then on."""
@@ -177,11 +177,10 @@ class GraphCache:
         self.budget = budget
         self.workspace = workspace or Workspace(device)
         self.blocks: dict[str, list[Block]] = {}
-        self.sums: dict[str, torch.Tensor] = {}
 
     def fits(self, nbytes: int) -> bool:
         kept = sum(block.nbytes for blocks in self.blocks.values() for _, block, _ in blocks)
-        return kept + sum(summed.nbytes for summed in self.sums.values()) + nbytes <= self.budget
+        return kept + nbytes <= self.budget
 
     def row_blocks(self, layer: LayerAttention) -> Iterable[Block]:
         """``row_blocks`` of ``layer`` under this cache's options."""
@@ -191,30 +190,23 @@ class GraphCache:
             self.blocks[layer.name] = list(row_blocks(layer, self.options, self.device, self.workspace, f"graph {layer.name}"))
         return self.blocks[layer.name]
 
-    def summed_symmetrised(self, layer: LayerAttention) -> torch.Tensor:
-        """``summed_symmetrised`` of ``layer`` under this cache's options, from its row blocks."""
-        if layer.name not in self.sums:
-            size = layer.grid[0] * layer.grid[1]
-            kept = self.fits(8 * size * size)
-            summed = summed_symmetrised(layer, self.options, self.device, self.row_blocks(layer),
-                                        self.workspace if kept else None, f"sum {layer.name}")
-            if not kept:
-                return summed
-            self.sums[layer.name] = summed
-        return self.sums[layer.name]
 
-
-def summed_symmetrised(layer: LayerAttention, options: GraphOptions, device: str = "cpu",
-                       blocks: Iterable[Block] | None = None, workspace: Workspace | None = None,
-                       name: str = "sum") -> torch.Tensor:
-    """Σ over heads of (A + Aᵀ) / 2 for one layer, (N, N) float64, from its row blocks (built if not
-    given); in ``workspace``'s memory under ``name`` if given."""
-    size = layer.grid[0] * layer.grid[1]
+def summed_symmetrised(layers: LayerAttention | list[LayerAttention], options: GraphOptions, device: str = "cpu",
+                       blocks: Callable[[LayerAttention], Iterable[Block]] | None = None,
+                       workspace: Workspace | None = None, name: str = "sum") -> torch.Tensor:
+    """Σ over heads (and over ``layers``, all of one grid) of (A + Aᵀ) / 2, (N, N) float64, from each
+    layer's row blocks (``blocks(layer)``; built if not given); in ``workspace``'s memory under ``name``
+    if given. Each layer's heads are summed in float32, the layers in float64."""
+    layers = [layers] if isinstance(layers, LayerAttention) else layers
+    size = layers[0].grid[0] * layers[0].grid[1]
     total = workspace.tensor(name, (size, size), torch.float64) if workspace else torch.empty(size, size, dtype=torch.float64, device=device)
-    transposed = workspace.tensor("transposed", (size, size), torch.float64) if workspace else None
-    for rows, block, _ in row_blocks(layer, options, device) if blocks is None else blocks:
-        total[rows] = block.sum(0)  # summed in float32: torch's float64 sum of float32 is ten times slower
-    transposed = total.T.clone() if transposed is None else transposed.copy_(total.T)
+    for index, layer in enumerate(layers):
+        for rows, block, _ in row_blocks(layer, options, device) if blocks is None else blocks(layer):
+            if index == 0:
+                total[rows] = block.sum(0)  # float32: torch's float64 sum of float32 is ten times slower
+            else:
+                total[rows] += block.sum(0)
+    transposed = total.T.clone() if workspace is None else workspace.tensor("transposed", (size, size), torch.float64).copy_(total.T)
     return total.add_(transposed).mul_(0.5)
 
 

@@ -244,20 +244,21 @@ class ExactOperator:
     @classmethod
     def from_layers(cls, layers: list[LayerAttention], options: GraphOptions, device: str = "cpu",
                     dense_limit: int = DENSE_LIMIT, cache: GraphCache | None = None) -> ExactOperator:
-        """From stored Q/K/V: graphs summed one layer at a time (from ``cache`` if given), or streamed
-        when N > ``dense_limit``."""
+        """From stored Q/K/V: the graphs of each resolution summed (from ``cache``'s row blocks if given,
+        the sums in its workspace), or streamed when N > ``dense_limit``."""
         chosen = select(layers, options)
-        dense: dict[tuple[int, int], torch.Tensor] = {}
+        by_grid: dict[tuple[int, int], list[LayerAttention]] = {}
         streamed = []
         for layer in chosen:
             if layer.grid[0] * layer.grid[1] > dense_limit:
                 streamed.append(layer)
-                continue
-            summed = cache.summed_symmetrised(layer) if cache else summed_symmetrised(layer, options, device)
-            if layer.grid in dense:
-                dense[layer.grid].add_(summed)
             else:
-                dense[layer.grid] = summed.clone()
+                by_grid.setdefault(layer.grid, []).append(layer)
+        dense = {
+            grid: summed_symmetrised(group, options, device, cache.row_blocks if cache else None,
+                                     cache.workspace if cache else None, f"sum {group[0].name}..{group[-1].name}")
+            for grid, group in by_grid.items()
+        }
         grid = max((layer.grid for layer in chosen), key=lambda g: g[0] * g[1])
         return cls(grid, dense, streamed, options)
 
