@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from pipeline.decode.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
-from pipeline.decode.kmeans import best_k, kmeans_auto, kmeans_labels, token_features
+from pipeline.decode.kmeans import best_k, kmeans_auto, kmeans_labels, kmeans_plus_plus, kmeans_restarts, token_features
 from pipeline.decode.instances import (
     ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
-    area_within, border_rule, nms, pixel_masks, propose, ward_proposals,
+    area_within, border_rule, candidate_masks, nearest_background, nms, pixel_masks, propose, token_distances,
+    ward_merges, ward_proposals,
 )
 from pipeline.decode.regions import DecodeParams, decode_image, decode_settings
 from pipeline.evaluate.metrics import confusion_matrix, matched_scores
@@ -85,6 +86,59 @@ def test_dataset_projection_matches_the_svd_of_the_stacked_tokens():
     np.testing.assert_allclose(np.abs(projected), np.abs(u[:, :3] * s[:3]), atol=1e-9)  # U S up to sign
 
 
+def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Five well separated Gaussian blobs of different sizes in 6 dimensions: tokens (n, 6), true labels."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(5), [40, 70, 25, 90, 55])
+    rng.shuffle(truth)
+    return rng.normal(size=(5, 6))[truth] * 10 + rng.normal(size=(len(truth), 6)) * 0.3, truth
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two labelings group the tokens alike (up to renaming the labels)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_batched_kmeans_recovers_well_separated_blobs_exactly():
+    for seed in range(3):
+        features, truth = blobs(seed)
+        labels = kmeans_restarts(features, 5, restarts=10, seed=seed)
+        assert labels.shape == truth.shape and same_partition(labels, truth)
+        # one seeding is enough here, and K = 2 still splits along the blobs (no blob cut in two)
+        assert same_partition(kmeans_restarts(features, 5, restarts=1, seed=seed), truth)
+        halves = kmeans_restarts(features, 2, seed=seed)
+        assert all(len(set(halves[truth == b].tolist())) == 1 for b in range(5))
+
+
+def test_batched_kmeans_is_deterministic_and_keeps_the_least_inertia():
+    features, _ = blobs(1)
+    noisy = features + np.random.default_rng(9).normal(size=features.shape) * 8  # overlapping: the runs differ
+    first = kmeans_restarts(noisy, 7, restarts=6, seed=4)
+    np.testing.assert_array_equal(first, kmeans_restarts(noisy, 7, restarts=6, seed=4))
+    assert first.dtype.kind == "i" and set(first.tolist()) == set(range(7))
+
+    def inertia(labels):
+        return sum(((noisy[labels == c] - noisy[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels))
+
+    # ten seedings are never worse than the first of them alone (the same seed draws the same first seeding)
+    assert inertia(kmeans_restarts(noisy, 7, restarts=10, seed=4)) <= inertia(kmeans_restarts(noisy, 7, restarts=1, seed=4)) + 1e-9
+    # as good as scikit-learn's K-Means with as many seedings, within a percent
+    from sklearn.cluster import KMeans
+
+    reference = KMeans(n_clusters=7, n_init=10, random_state=0).fit_predict(noisy)
+    assert inertia(kmeans_restarts(noisy, 7, restarts=10)) < 1.01 * inertia(reference)
+
+
+def test_kmeans_plus_plus_seeds_distinct_tokens_one_per_blob():
+    features, truth = blobs(2)
+    centres = kmeans_plus_plus(features, 5, 8, np.random.default_rng(0))
+    assert centres.shape == (8, 5, 6)
+    for run in centres:
+        rows = [int(np.flatnonzero(np.all(features == c, axis=1))[0]) for c in run]  # every centre is a token
+        assert sorted(truth[rows].tolist()) == [0, 1, 2, 3, 4]  # far apart: the greedy D² draws cover every blob
+
+
 # ------------------------------------------------------------------------------------------- instances
 
 
@@ -128,6 +182,34 @@ def test_ward_merges_the_closest_adjacent_segments_first_and_ends_with_everythin
     # segments 0 and 2 are alike but not adjacent: they never merge without the segment between them
     apart = ward_proposals(np.array([[0, 1, 2]]), np.array([[0.0], [9.0], [0.1]]))
     assert [p[0].tolist() for p in apart[3:]] == [[False, True, True], [True, True, True]]
+
+
+def test_ward_merges_number_the_new_nodes_after_the_segments():
+    segments = np.array([[0, 1, 2, 3]])
+    features = np.array([[0.0], [0.1], [5.0], [5.2]])
+    assert ward_merges(segments, features) == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_candidate_masks_carry_each_tokens_distance_to_the_mask():
+    features, _ = planted(seed=2)
+    tokens = token_features(features)
+    distance = token_distances(tokens)
+    found = candidate_masks(tokens, (HEIGHT, WIDTH), (2, 3, 4), 0, distance)
+    assert len(found) >= 5
+    for key, (mask, nearest) in found.items():
+        assert key == np.packbits(mask).tobytes() and mask.shape == (HEIGHT, WIDTH)
+        np.testing.assert_array_equal(nearest, distance[mask.ravel()].min(0))
+
+
+def test_nearest_background_takes_the_first_of_equal_distances():
+    rng = np.random.default_rng(5)
+    inside = rng.random((30, 50)) < rng.random((30, 1))
+    nearest = rng.integers(0, 4, size=(30, 50)).astype(np.float32)  # many ties
+    for mask, near, chosen in zip(inside, nearest, nearest_background(inside, nearest)):
+        outside = np.flatnonzero(~mask)
+        expected = np.zeros_like(mask)
+        expected[outside[np.argsort(near[outside], kind="stable")[: mask.sum()]]] = True
+        np.testing.assert_array_equal(chosen, expected)
 
 
 def test_filters_drop_small_huge_and_background_proposals():
@@ -188,6 +270,9 @@ def test_proposal_parameters_bound_the_output():
     features, _ = planted(seed=3)
     masks, scores = propose(features, ProposalParams(ks=(2, 3), max_proposals=2))
     assert len(masks) <= 2 and masks.shape[1:] == (HEIGHT, WIDTH)
+    # a featureless image has nothing to cluster: no proposals (not an error)
+    masks, scores = propose(np.ones((4, 6, 8)))
+    assert masks.shape == (0, 6, 8) and masks.dtype == bool and scores.shape == (0,)
 
 
 def test_coco_results_round_trip_through_pycocotools(tmp_path):

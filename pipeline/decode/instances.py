@@ -1,11 +1,14 @@
 """Class-agnostic object proposals from X (METHOD.md section 5), scored and written as COCO results.
 
-For K = 2..10: K-Means on the normalised features, connected components of each cluster (8-connected),
-then Ward agglomerative merging of spatially adjacent segments; every segment and every merge is a
-proposal (connected by construction, since only adjacent segments merge). Proposals covering 1%..90%
-of the image are kept; those touching >= 2 image borders are dropped (>= 3 when none would be left,
-none when still none would be left). Each is scored by a balanced binary silhouette, sorted, and
-suppressed at mask IoU 0.7 (at most 100); proposals scoring below 0 are dropped.
+For K = 2..10: K-Means on the normalised features (``RESTARTS`` greedy k-means++ seedings run as one
+numpy batch, the least inertia kept: pipeline.decode.kmeans.kmeans_restarts), connected components of
+each cluster (8-connected), then Ward agglomerative merging of spatially adjacent segments; every segment
+and every merge is a proposal (connected by construction, since only adjacent segments merge). Proposals
+covering 1%..90% of the image are kept; those touching >= 2 image borders are dropped (>= 3 when none
+would be left, none when still none would be left). Each is scored by a balanced binary silhouette (from
+one token distance matrix per image; a token's distance to a proposal is the least over its segments,
+found once per K), sorted, and suppressed at mask IoU 0.7 (at most 100); proposals scoring below 0 are
+dropped.
 
 Beyond the paper (``extended``, on by default): the proposals the border rule drops and those of
 K = 11..15 are ranked after every proposal of the paper's rule (their score is the silhouette minus
@@ -20,7 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.decode.kmeans import one_thread, token_features
+from pipeline.decode.kmeans import kmeans_restarts, one_thread, token_features
+
+
+# k-means++ seedings of each K (the run of least inertia is kept). Three, not scikit-learn's ten: on the 166
+# coco-mini photographs they gave the same AP50 and more proposals and recall (the Ks' clusterings differ
+# more) for a third of the K-Means work (issue 14).
+RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -46,16 +55,11 @@ def normalise_features(x: np.ndarray) -> np.ndarray:
 
 
 def connected_segments(labels: np.ndarray) -> np.ndarray:
-    """Each cluster of a label map (y, x) split into 8-connected components -> segment ids 0..S-1."""
-    from scipy import ndimage
+    """Each cluster of a label map (y, x) split into 8-connected components -> segment ids 0..S-1
+    (numbered in raster order of their first token)."""
+    from skimage.measure import label
 
-    segments = np.zeros(labels.shape, dtype=np.int64)
-    count = 0
-    for value in np.unique(labels):
-        parts, found = ndimage.label(labels == value, structure=np.ones((3, 3)))
-        segments[parts > 0] = parts[parts > 0] + count - 1
-        count += found
-    return segments
+    return label(labels, background=-1, connectivity=2).astype(np.int64) - 1
 
 
 def adjacent_pairs(segments: np.ndarray) -> set[tuple[int, int]]:
@@ -72,9 +76,10 @@ def adjacent_pairs(segments: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
-def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
-    """Every segment and every merge of Ward agglomerative clustering restricted to adjacent segments
-    (pixel-weighted: merging a and b costs n_a n_b / (n_a + n_b) |mean_a - mean_b|²), as masks (y, x)."""
+def ward_merges(segments: np.ndarray, features: np.ndarray) -> list[tuple[int, int]]:
+    """The merges of Ward agglomerative clustering restricted to adjacent segments (pixel-weighted: merging
+    a and b costs n_a n_b / (n_a + n_b) |mean_a - mean_b|²), cheapest first: merge i joins nodes a and b
+    into node S + i (nodes 0..S-1 are the segments), until one node holds every segment."""
     import heapq
 
     flat = segments.ravel()
@@ -83,7 +88,6 @@ def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarra
     sums = np.zeros((count, features.shape[1]))
     np.add.at(sums, flat, features)
     sums = list(sums)
-    members: list[list[int]] = [[s] for s in range(count)]
     neighbours: dict[int, set[int]] = {s: set() for s in range(count)}
     for a, b in adjacent_pairs(segments):
         neighbours[a].add(b)
@@ -95,21 +99,31 @@ def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarra
 
     heap = [(cost(a, b), a, b) for a in neighbours for b in neighbours[a] if a < b]
     heapq.heapify(heap)
+    merges = []
     while heap:
         _, a, b = heapq.heappop(heap)
         if a not in neighbours or b not in neighbours:
             continue  # one of them was merged already
         new = len(sizes)
+        merges.append((a, b))
         sizes.append(sizes[a] + sizes[b])
         sums.append(sums[a] + sums[b])
-        members.append(members[a] + members[b])
         around = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
         neighbours[new] = around
         for other in around:
             neighbours[other] -= {a, b}
             neighbours[other].add(new)
             heapq.heappush(heap, (cost(other, new), other, new))
-    return [np.isin(segments, group) for group in members]
+    return merges
+
+
+def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    """Every segment and every merge of Ward agglomerative clustering restricted to adjacent segments
+    (``ward_merges``), as masks (y, x)."""
+    masks = [segments == s for s in range(int(segments.max()) + 1)]
+    for a, b in ward_merges(segments, features):
+        masks.append(masks[a] | masks[b])
+    return masks
 
 
 def borders_touched(mask: np.ndarray) -> int:
@@ -127,42 +141,67 @@ def area_within(masks: np.ndarray, min_area: float, max_area: float) -> np.ndarr
 
 def border_rule(masks: np.ndarray) -> np.ndarray:
     """Which masks (n, y, x) touch < 2 image borders (< 3 when none touch < 2, any number when none touch < 3)."""
-    borders = np.array([borders_touched(m) for m in masks], dtype=int)
+    borders = sum(edge.any(1).astype(int) for edge in (masks[:, 0], masks[:, -1], masks[:, :, 0], masks[:, :, -1]))
     for limit in (2, 3):
         if np.any(borders < limit):
             return borders < limit
     return np.ones(len(masks), dtype=bool)
 
 
-def balanced_silhouette(masks: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Silhouette score of each proposal (n, tokens) against a background of the same size: the
-    non-proposal tokens nearest to the proposal in feature space (fewer when fewer are left). The score
-    is the mean silhouette over the proposal's and the background's tokens (0 for a group of one).
-
-    Every token's summed distance to each proposal (and to each background) is one matrix product."""
+def token_distances(features: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the tokens (tokens, dims), as float32 (tokens, tokens)."""
     from scipy.spatial.distance import cdist
 
-    distance = cdist(features, features).astype(np.float32)
-    inside = masks.astype(bool)
+    return cdist(features, features).astype(np.float32)
+
+
+def nearest_background(inside: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """Per proposal (n, tokens): as many non-proposal tokens as it has (fewer when fewer are left), those
+    with the least ``nearest`` (n, tokens: each token's distance to the proposal), the first of equals."""
     background = np.zeros_like(inside)
-    for mask, chosen in zip(inside, background):
+    for mask, near, chosen in zip(inside, nearest, background):
         outside = np.flatnonzero(~mask)
-        nearest = distance[mask].min(0)[outside]  # rows for columns: the distances are symmetric
-        chosen[outside[np.argsort(nearest, kind="stable")[: mask.sum()]]] = True
-    exact = distance.astype(np.float64)
-    to_inside, to_background = exact @ inside.T, exact @ background.T  # (token, proposal) summed distances
-    scores = np.empty(len(inside))
-    for i, groups in enumerate(zip(inside, background)):
-        summed = (to_inside[:, i], to_background[:, i])
-        values = []
-        for own, other in ((0, 1), (1, 0)):
-            members, size, other_size = groups[own], groups[own].sum(), groups[other].sum()
-            within = summed[own][members] / max(size - 1, 1)
-            between = summed[other][members] / other_size
-            silhouette = (between - within) / np.maximum(np.maximum(between, within), 1e-12)
-            values.append(silhouette if size > 1 else np.zeros(size))
-        scores[i] = float(np.concatenate(values).mean())
-    return scores
+        size = int(mask.sum())
+        if size >= len(outside):
+            chosen[outside] = True
+            continue
+        values = near[outside]
+        kth = np.partition(values, size - 1)[size - 1]
+        below = outside[values < kth]
+        chosen[below] = True
+        chosen[outside[values == kth][: size - len(below)]] = True
+    return background
+
+
+def balanced_silhouette(masks: np.ndarray, features: np.ndarray, distance: np.ndarray | None = None,
+                        nearest: np.ndarray | None = None) -> np.ndarray:
+    """Silhouette score of each proposal (n, tokens) against a background of the same size: the
+    non-proposal tokens nearest to the proposal in feature space (fewer when fewer are left; the first of
+    equals). The score is the mean silhouette over the proposal's and the background's tokens (0 for a
+    group of one). ``distance``: ``token_distances(features)``; ``nearest`` (n, tokens): each token's
+    distance to each proposal (both computed when not given; ``candidate_masks`` makes them cheaply).
+
+    Every token's summed distance to each proposal (and to each background) is one matrix product."""
+    inside = masks.astype(bool)
+    if distance is None:
+        distance = token_distances(features)
+    if nearest is None:
+        nearest = np.stack([distance[mask].min(0) for mask in inside]) if len(inside) else np.zeros(inside.shape, np.float32)
+    background = nearest_background(inside, nearest)
+    groups = np.concatenate([inside, background]).T.astype(np.float32)
+    summed = (distance @ groups).astype(np.float64).T  # (2n, token): each token's summed distance to each group
+    to_inside, to_background = summed[: len(inside)], summed[len(inside):]
+    sizes = inside.sum(1, keepdims=True).astype(np.float64), background.sum(1, keepdims=True).astype(np.float64)
+    total = np.zeros(len(inside))
+    for members, own, other, own_size, other_size in (
+        (inside, to_inside, to_background, sizes[0], sizes[1]),
+        (background, to_background, to_inside, sizes[1], sizes[0]),
+    ):
+        within = own / np.maximum(own_size - 1, 1)
+        between = other / np.maximum(other_size, 1)
+        silhouette = (between - within) / np.maximum(np.maximum(between, within), 1e-12)
+        total += np.where(members & (own_size > 1), silhouette, 0).sum(1)
+    return total / np.maximum(sizes[0][:, 0] + sizes[1][:, 0], 1)
 
 
 def mask_iou(masks: np.ndarray) -> np.ndarray:
@@ -186,19 +225,27 @@ def nms(masks: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> 
     return order[kept]
 
 
-def candidate_masks(features: np.ndarray, shape: tuple[int, int], ks: tuple[int, ...], seed: int) -> dict[bytes, np.ndarray]:
-    """Every distinct Ward proposal (y, x) of K-Means with each K of ``ks`` on ``features`` (tokens, dims),
-    in the order found, keyed by its packed bits."""
-    from sklearn.cluster import KMeans
-
-    found: dict[bytes, np.ndarray] = {}
+def candidate_masks(features: np.ndarray, shape: tuple[int, int], ks: tuple[int, ...], seed: int,
+                    distance: np.ndarray) -> dict[bytes, tuple[np.ndarray, np.ndarray]]:
+    """Every distinct Ward proposal (y, x) of K-Means (``kmeans_restarts``) with each K of ``ks`` on
+    ``features`` (tokens, dims), in the order found, keyed by its packed bits, with each token's distance
+    to it (its nearest token; from ``distance``, per segment, then the minimum of a merge's two parts)."""
+    found: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
     distinct = len(np.unique(features, axis=0))
     for k in ks:
         if k > distinct:
             break
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features).reshape(shape)
-        for mask in ward_proposals(connected_segments(labels), features):
-            found.setdefault(np.packbits(mask).tobytes(), mask)
+        segments = connected_segments(kmeans_restarts(features, k, RESTARTS, seed).reshape(shape))
+        flat = segments.ravel()
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(int(flat.max()) + 2))
+        masks = [flat == s for s in range(len(bounds) - 1)]
+        nearest = [distance[order[start:end]].min(0) for start, end in zip(bounds[:-1], bounds[1:])]
+        for a, b in ward_merges(segments, features):
+            masks.append(masks[a] | masks[b])
+            nearest.append(np.minimum(nearest[a], nearest[b]))
+        for mask, near in zip(masks, nearest):
+            found.setdefault(np.packbits(mask).tobytes(), (mask.reshape(shape), near))
     return found
 
 
@@ -208,20 +255,24 @@ def propose(x: np.ndarray, params: ProposalParams = ProposalParams()) -> tuple[n
     features = token_features(normalise_features(x))
     shape = x.shape[1:]
     with one_thread():
-        paper = candidate_masks(features, shape, params.ks, params.seed)
-        extra = candidate_masks(features, shape, params.extra_ks, params.seed) if params.extended else {}
-        extra = {key: mask for key, mask in extra.items() if key not in paper}
-        masks = np.stack(list(paper.values()) + list(extra.values()))
+        distance = token_distances(features)
+        paper = candidate_masks(features, shape, params.ks, params.seed, distance)
+        extra = candidate_masks(features, shape, params.extra_ks, params.seed, distance) if params.extended else {}
+        found = list(paper.values()) + [value for key, value in extra.items() if key not in paper]
+        if not found:  # fewer than two distinct tokens: nothing to cluster
+            return np.zeros((0, *shape), dtype=bool), np.zeros(0)
+        masks = np.stack([mask for mask, _ in found])
+        nearest = np.stack([near for _, near in found])
         from_paper = np.arange(len(masks)) < len(paper)
         sized = area_within(masks, params.min_area, params.max_area)
-        masks, from_paper = masks[sized], from_paper[sized]
+        masks, nearest, from_paper = masks[sized], nearest[sized], from_paper[sized]
         primary = np.zeros(len(masks), dtype=bool)
         primary[from_paper] = border_rule(masks[from_paper])
         if not params.extended:
-            masks, primary = masks[primary], primary[primary]
+            masks, nearest, primary = masks[primary], nearest[primary], primary[primary]
         if not len(masks):
             return masks, np.zeros(0)
-        silhouettes = balanced_silhouette(masks.reshape(len(masks), -1), features)
+        silhouettes = balanced_silhouette(masks.reshape(len(masks), -1), features, distance, nearest)
         scores = silhouettes - EXTENDED_OFFSET * ~primary
         kept = nms(masks, scores, params.nms_iou, params.max_proposals)
     kept = kept[silhouettes[kept] >= params.min_score]
