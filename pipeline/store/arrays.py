@@ -71,28 +71,33 @@ def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dic
     stored, even one of fill values, and ends with a crc32c that is checked when it is read."""
     from pipeline.store.integrity import checksum_codecs
 
+    groups = {"": group}
+
+    def sub_group(path: str):
+        if path not in groups:
+            groups[path] = group.require_group(path)
+        return groups[path]
+
     for path, attrs in (group_attrs or {}).items():
-        sub = group.require_group(path) if path else group
-        sub.attrs.update(attrs)
+        sub_group(path).attrs.update(attrs)
     for name, spec in arrays.items():
         parent_path, _, leaf = name.rpartition("/")
-        parent = group.require_group(parent_path) if parent_path else group
         data = np.asarray(spec.data)
         if len(spec.dims) != data.ndim:
             raise ValueError(f"array {name}: {data.ndim} dimensions but dims {spec.dims}")
-        array = parent.create_array(
+        array = sub_group(parent_path).create_array(
             leaf,
             shape=data.shape,
             dtype=data.dtype,
             chunks=spec.chunks or data.shape or None,
             dimension_names=list(spec.dims),
             compressors=checksum_codecs(spec.compressors) if spec.compressors else checksum_codecs(),
+            attributes={**spec.attrs, "sha256": array_checksum(data)},  # written with the metadata, not after it
             config={"write_empty_chunks": True},  # every chunk present: a missing one is damage, not zeros
             overwrite=True,
         )
         if data.size:
             array[...] = data
-        array.attrs.update({**spec.attrs, "sha256": array_checksum(data)})
 
 
 class Store:
