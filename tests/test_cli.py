@@ -275,3 +275,14 @@ def test_preprocess_max_images_keeps_the_first_images_of_the_listing(tmp_path):
     assert json.loads((tmp_path / "last.json").read_text())["items"] == ["shapes-0003"]  # shard 1 of the first 4: only the 4th
     result = lds("preprocess", *common, "--shard", 2, expect_ok=False)
     assert result.exit_code != 0 and "shard 2 is empty: the dataset has 4 images" in result.output
+
+
+def test_stages_that_need_no_torch_start_without_importing_it():
+    """`lds` loads a stage's command when it is called: preprocess, decode and evaluate jobs skip torch's
+    second of imports; every stage is still listed and found."""
+    script = ("import sys, click; from stages.cli import cli; ctx = click.Context(cli); "
+              "[cli.get_command(ctx, name) for name in ('preprocess', 'decode', 'evaluate', 'summary')]; "
+              "print('torch' in sys.modules, 'solve' in cli.list_commands(ctx))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.split() == ["False", "True"]
+    assert cli.get_command(None, "solve").name == "solve" and cli.get_command(None, "no-such-stage") is None
