@@ -9,8 +9,10 @@ On the preprocessed images of a store (a workflow run's `preprocess` artifacts) 
   channel of each head (`lds extract --dtype int8`): MB per image under Blosc zstd 5 with byte shuffle,
   and the exact solver's X (15 channels, kq and vv graphs) against X from float32: the mean cos² of the
   principal angles between the subspaces (1 = the same), min and mean over the images;
-- ``floor``: seconds per image of one backbone forward without hooks, and with extract's Q/K/V hooks and
-  the copy to numpy (each image run twice, the second timed).
+  Also "bfloat16 forward, int8": Q, K, V from the forward under bfloat16 autocast (`lds extract
+  --precision bfloat16`), stored as int8, against the same float32 reference;
+- ``floor``: seconds per image of one backbone forward without hooks (float32 and under bfloat16
+  autocast), and with extract's Q/K/V hooks and the copy to numpy (each image run twice, the second timed).
 
     python benchmarks/bench_storage.py --store /path/to/store --images 6 --output results/bench/storage.json
 """
@@ -87,7 +89,9 @@ def main() -> None:
     raw = 0
     type_bytes = {name: 0 for name in types}
     agreement = {kind: {name: [] for name in types} for kind in ("kq", "vv")}
-    floor = {"forward, no hooks": [], "forward with Q/K/V hooks and copy": []}
+    floor = {"forward, no hooks": [], "forward with Q/K/V hooks and copy": [], "forward, no hooks, bfloat16": [],
+             "forward with Q/K/V hooks and copy, bfloat16": []}
+    agreement["kq"]["bfloat16 forward, int8"], agreement["vv"]["bfloat16 forward, int8"] = [], []
 
     def eigenvectors(layers, convert, kind: str) -> np.ndarray:
         converted = [LayerAttention(l.name, convert(l.q), convert(l.k), convert(l.v), l.scale) for l in layers]
@@ -97,12 +101,17 @@ def main() -> None:
     for n, (group, item) in enumerate(images):
         image = image_tensor(group[item]["rgb"][...], spec.mean, spec.std)
         with torch.no_grad():
-            for name, run in (("forward, no hooks", lambda: model(image)),
-                              ("forward with Q/K/V hooks and copy", lambda: extract_attention(model, image, spec.patch_size))):
-                run()
-                start = time.perf_counter()
-                layers = run()
-                floor[name].append(time.perf_counter() - start)
+            for precision in ("bfloat16", "float32"):  # float32 last: ``layers`` is the reference
+                suffix = ", bfloat16" if precision == "bfloat16" else ""
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                    for name, run in (("forward, no hooks", lambda: model(image)),
+                                      ("forward with Q/K/V hooks and copy", lambda: extract_attention(model, image, spec.patch_size))):
+                        run()
+                        start = time.perf_counter()
+                        layers = run()
+                        floor[name + suffix].append(time.perf_counter() - start)
+                if precision == "bfloat16":
+                    half_precision = layers
         arrays = [np.ascontiguousarray(getattr(layer, part)) for layer in layers for part in "qkv"]
         for array in arrays:
             if n < args.codec_images:
@@ -123,6 +132,8 @@ def main() -> None:
             for name, convert in restored.items():
                 x = eigenvectors(layers, convert, kind)
                 agreement[kind][name].append(float(np.mean(np.cos(subspace_angles(reference, x)) ** 2)))
+            x = eigenvectors(half_precision, restored["int8, a scale per channel"], kind)
+            agreement[kind]["bfloat16 forward, int8"].append(float(np.mean(np.cos(subspace_angles(reference, x)) ** 2)))
         print(f"{item}: {image.shape[-2]}x{image.shape[-1]} px, forward {floor['forward, no hooks'][-1]:.2f} s", file=sys.stderr)
 
     coded = min(args.codec_images, len(images))
@@ -130,9 +141,10 @@ def main() -> None:
         "model": "dinov2-s14-imgfocus", "images": len(images), "threads": args.threads,
         "codecs": {name: {"mb_per_image": size / 1e6 / coded, "ratio": raw / size, "encode_mb_s": raw / 1e6 / enc, "decode_mb_s": raw / 1e6 / dec}
                    for name, (size, enc, dec) in codec_bytes.items()} if coded else {},
-        "types": {name: {"mb_per_image": size / 1e6 / len(images), **{f"{kind}_subspace_min": min(agreement[kind][name]) for kind in agreement},
+        "types": {name: {"mb_per_image": type_bytes[name] / 1e6 / len(images) if name in type_bytes else None,
+                         **{f"{kind}_subspace_min": min(agreement[kind][name]) for kind in agreement},
                          **{f"{kind}_subspace_mean": float(np.mean(agreement[kind][name])) for kind in agreement}}
-                  for name, size in type_bytes.items()},
+                  for name in agreement["kq"]},
         "floor_s_per_image": {name: float(np.mean(times)) for name, times in floor.items()},
     }
     text = json.dumps(result, indent=1)

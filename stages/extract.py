@@ -11,7 +11,7 @@ from pipeline.errors import LdsError
 from pipeline.extract.stage import ExtractParams, artifact_params, extract_image
 from pipeline.models import get_spec
 from pipeline.store import Store
-from stages.common import input_option, manifest_option, read_manifest, run_stage, store_option
+from stages.common import input_option, log, manifest_option, read_manifest, run_stage, store_option
 from stages.options import click_options, params_from
 
 
@@ -31,6 +31,9 @@ def extract(input_manifest, model_name, weights, store_root, manifest, **setting
 
     params = params_from(ExtractParams, settings)
     on = resolve_device(params.device)  # a missing GPU stops the stage before any work
+    if params.precision == "bfloat16" and not native_bfloat16(on):
+        log(f"extract: warning: {on} has no native bfloat16 (a CPU without amx_bf16 or avx512_bf16 in /proc/cpuinfo, a GPU "
+            "before Ampere), so --precision bfloat16 is likely slower here than float32")
     store, source, spec = Store(store_root), read_manifest(input_manifest, "preprocess"), get_spec(model_name)
     if weights is not None and not weights.exists():
         raise LdsError(f"weights {weights} for model {model_name} do not exist; give a file or folder that does")
@@ -51,3 +54,18 @@ def extract(input_manifest, model_name, weights, store_root, manifest, **setting
     run_stage(store, "extract", artifact_params(params, spec, weights), input_keys=[source.key], inputs=[source],
               items=list(store.attrs(source)["items"]), attrs=loaded_provenance, manifest=manifest,
               compute_item=lambda item: extract_image(model(), images[item]["rgb"][...], spec, params, item, on))
+
+
+def native_bfloat16(device: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a GPU that torch says supports it, a CPU with AMX
+    or AVX-512 BF16; True where it cannot be told."""
+    if device != "cpu":
+        import torch
+
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = cpuinfo.read_text().split()
+    except OSError:
+        return True
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -211,6 +211,33 @@ def test_extract_params_check_the_arrays_and_the_artifact_params_name_what_makes
         "max_timestep": 250, "max_resolution": 32, "upsample_to": 8}
 
 
+def test_bfloat16_forward_gives_nearly_the_float32_attention_under_its_own_key(model):
+    """--precision bfloat16 runs the forward under autocast: float32 arrays stored, within bfloat16's
+    rounding of the float32 forward's (not equal to them), and a key of its own; float32 keeps the
+    key it had before the setting existed."""
+    spec = get_spec("tiny-vit")
+    rgb = np.random.default_rng(5).integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    full, _, _ = extract_image(model, rgb, spec, ExtractParams(dtype="float32"))
+    half, _, _ = extract_image(model, rgb, spec, ExtractParams(dtype="float32", precision="bfloat16"))
+    for name, array in full.items():
+        assert half[name].data.dtype == np.float32
+        error = np.linalg.norm(half[name].data - array.data) / np.linalg.norm(array.data)
+        assert 0 < error < 0.03, name
+    assert "precision" not in artifact_params(ExtractParams(), spec)
+    assert artifact_params(ExtractParams(precision="bfloat16"), spec) == {**artifact_params(ExtractParams(), spec), "precision": "bfloat16"}
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx512f amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu sse4_2 avx2 avx512f", False), (None, True)])
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path, flags, native):
+    from stages.extract import native_bfloat16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert native_bfloat16("cpu", cpuinfo) is native
+
+
 def test_pretrained_spec_offline_without_cache_raises_a_clear_error(offline_hub):
     with pytest.raises(LdsError) as error:
         build_model(get_spec("dino-vits16"))
