@@ -16,6 +16,7 @@ reported: other work on the machine slows every number.
     python benchmarks/bench_workflow.py                        # 12 images, 4 shards, both models
     lds bench workflow -- --images 8 --models tiny-vit --cores 1,2,4
     lds bench workflow -- --dataset folder:PHOTOS --images 240 --per-shard 60 --models dinov2-s14-imgfocus --cores 2
+    lds bench workflow -- ... --set extract.precision=bfloat16 --set solve.layer_diagnostics=false   # any config key
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def workflow_config(images: int, per_shard: int, model: str, solver: str, steps:
     }
 
 
+def with_settings(config: dict, settings: list[str]) -> dict:
+    """``config`` with each ``section.key=value`` of ``settings`` set (the value read as YAML: true, 0.5, [kq, vv])."""
+    for setting in settings:
+        path, separator, value = setting.partition("=")
+        if not separator or not path:
+            sys.exit(f"--set {setting}: expected section.key=value")
+        *sections, key = path.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = yaml.safe_load(value)
+    return config
+
+
 def stage_seconds(results: Path, model: str, column: str = "s") -> dict[str, list[float]]:
     """Seconds (``column`` s) or core-seconds (cpu_time) of every job of each stage, from the rules' benchmark TSVs."""
     root = results / "benchmarks" / DATASET / model
@@ -78,14 +93,15 @@ def logged_seconds(results: Path) -> dict[str, float]:
 
 
 def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps: int, keep: Path | None,
-        dataset: str | None = None) -> dict:
-    """One fresh workflow run; its wall time and every stage's job seconds."""
+        dataset: str | None = None, settings: list[str] = ()) -> dict:
+    """One fresh workflow run (``settings``: ``section.key=value`` config values); its wall time and every
+    stage's job seconds."""
     with tempfile.TemporaryDirectory(prefix=f"lds-bench-{model}-{cores}-") as scratch:
         workdir = keep / f"{model}-cores{cores}" if keep else Path(scratch)
         if (workdir / "results").exists():
             sys.exit(f"{workdir} holds an earlier run; give --keep an empty folder")
         (workdir / "config").mkdir(parents=True, exist_ok=True)
-        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(workflow_config(images, per_shard, model, solver, steps, dataset)))
+        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(with_settings(workflow_config(images, per_shard, model, solver, steps, dataset), settings)))
         command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
         before = load()
         started = time.perf_counter()
@@ -93,7 +109,7 @@ def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps:
         wall = time.perf_counter() - started
         if done.returncode != 0:
             sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
-        return {"model": model, "cores": cores, "images": images, "wall_s": wall, "load_before": before,
+        return {"model": model, "cores": cores, "images": images, "settings": list(settings), "wall_s": wall, "load_before": before,
                 "load_after": load(), "stages": stage_seconds(workdir / "results", model),
                 "core_seconds": stage_seconds(workdir / "results", model, "cpu_time"), "logged": logged_seconds(workdir / "results")}
 
@@ -128,7 +144,9 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
         speedups = ", ".join(f"--cores {c}: {first['wall_s'] / by[model, c]['wall_s']:.2f}x" for c in cores[1:])
         lines.append(f"| {model} | **whole run** (speed-up {speedups}) | " + " | ".join(cells) + " |")
     loads = "; ".join(f"{r['model']} --cores {r['cores']}: {r['load_before']} -> {r['load_after']}" for r in runs)
-    return "\n".join(lines) + f"\n\nLoad average (1 / 5 / 15 min) before -> after each run: {loads}.\n"
+    settings = " ".join(f"`{setting}`" for setting in runs[0]["settings"]) or "none"
+    return "\n".join(lines) + f"\n\nSettings beyond the exact solver on kq, K = 6 and proposals: {settings}.\n" \
+        f"Load average (1 / 5 / 15 min) before -> after each run: {loads}.\n"
 
 
 def main() -> None:
@@ -142,12 +160,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="Adam steps")
     parser.add_argument("--keep", type=Path, default=None, help="run in DIR/<model>-cores<N> and keep it (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("results/bench/workflow.md"))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config value (YAML), e.g. extract.precision=bfloat16; repeatable")
     args = parser.parse_args()
     cores = [int(c) for c in args.cores.split(",")]
     runs = []
     for model in args.models.split(","):
         for c in cores:
-            runs.append(run(args.images, args.per_shard, model, c, args.solver, args.steps, args.keep, args.dataset))
+            runs.append(run(args.images, args.per_shard, model, c, args.solver, args.steps, args.keep, args.dataset, args.settings))
             print(f"{model} --cores {c}: {runs[-1]['wall_s']:.1f} s (load {runs[-1]['load_after']})", file=sys.stderr)
     table = markdown(runs, cores)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -172,3 +172,21 @@ def test_max_images_reaches_every_preprocess_job_so_the_last_shard_stops_at_the_
     config = {**CONFIG, "datasets": {"shapes": {"spec": "synthetic-shapes:7", "images_per_shard": 2, "max_images": 3}}}
     jobs = dry_run(tmp_path, config, "--cores", "1")
     assert len(jobs["preprocess"]) == 2 and all("--max-images 3" in job for job in jobs["preprocess"])
+
+
+def test_bench_workflow_sets_any_config_value_from_its_command_line(tmp_path):
+    """`lds bench workflow -- --set section.key=value`: values read as YAML, sections made as needed, and
+    the run's config passes the workflow's schema (a dry run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_workflow", REPO / "benchmarks" / "bench_workflow.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = bench.with_settings(bench.workflow_config(4, 2, "tiny-vit", "exact", 10, None),
+                                 ["extract.precision=bfloat16", "solve.layer_diagnostics=false", "solve.graph=[kq, vv]"])
+    assert config["extract"] == {"precision": "bfloat16"}
+    assert config["solve"]["layer_diagnostics"] is False and config["solve"]["graph"] == ["kq", "vv"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
