@@ -15,6 +15,7 @@ rule decode:
         instances=lambda w, output: f"--instances --coco-results '{output.proposals}'" if DECODE.get("instances") else "--no-instances",
         extended="--extended" if DECODE.get("extended_proposals", True) else "--paper-only",
         figures=RUN + "/figures",
+        max_figures="" if DECODE.get("figures_per_shard") is None else f"--max-figures {DECODE['figures_per_shard']}",
     threads: THREADS["shard"]
     resources:
         mem_mb=mem_mb(2000),
@@ -22,7 +23,7 @@ rule decode:
         BENCH + "/shard-{shard}/decode.tsv"
     shell:
         "{LDS} decode --input {input:q} --clusters {params.clusters} --seed {params.seed} {params.instances} {params.extended}"
-        " --figures {params.figures:q} --store {STORE:q} --manifest {output.manifest:q} > {log:q} 2>&1"
+        " --figures {params.figures:q} {params.max_figures} --store {STORE:q} --manifest {output.manifest:q} > {log:q} 2>&1"
 
 
 rule cluster:

@@ -18,9 +18,11 @@ from stages.options import click_options, params_from
 @click_options(DecodeParams)
 @click.option("--coco-results", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the proposals as a COCO results json (original image coordinates, COCO image ids) here.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one PNG per image here.")
+@click.option("--max-figures", type=click.IntRange(0), default=None,
+              help="With --figures: only the first N images get one (about 0.5 s each; 0: none); default: every image.")
 @store_option
 @manifest_option
-def decode(input_manifest, coco_results, figures, store_root, manifest, **settings):
+def decode(input_manifest, coco_results, figures, max_figures, store_root, manifest, **settings):
     """Cluster each image's tokens into regions (and propose objects); store token and pixel maps."""
     params = params_from(DecodeParams, settings)
     if coco_results is not None and not params.instances:
@@ -42,5 +44,6 @@ def decode(input_manifest, coco_results, figures, store_root, manifest, **settin
     if coco_results is not None:
         write_json_atomic(coco_results, original_coco_results(decoded, images, items))
         click.echo(f"proposals: {coco_results}", err=True)
-    if figures is not None:  # a baseline stores no constant eigenvector: its figures start at the first
-        save_figures(figures, decoded, images, solved, items, model_caption(model_attrs), params.clusters == "auto", first=0 if given else 1)
+    drawn = items[:max_figures] if max_figures is not None else items
+    if figures is not None and drawn:  # a baseline stores no constant eigenvector: its figures start at the first
+        save_figures(figures, decoded, images, solved, drawn, model_caption(model_attrs), params.clusters == "auto", first=0 if given else 1)

@@ -64,6 +64,16 @@ def test_chain_writes_every_stage_and_figures(chain):
     assert 0 <= metrics["oracle_miou"] <= 1 and 0 <= metrics["matched_miou"] <= 1
 
 
+def test_decode_draws_figures_for_the_first_max_figures_images_only(chain, tmp_path):
+    store_root, manifests = chain
+    for limit, drawn in ((2, ["shapes-0000", "shapes-0001"]), (0, [])):
+        folder = tmp_path / f"figures-{limit}"
+        lds("decode", "--input", manifests["solve"], "--clusters", 4, "--figures", folder, "--max-figures", limit,
+            "--store", store_root, "--manifest", tmp_path / f"d{limit}.json")
+        assert sorted(f.stem for f in folder.glob("*.png")) == drawn
+    assert json.loads((tmp_path / "d0.json").read_text())["key"] == json.loads(manifests["decode"].read_text())["key"]  # not in the key
+
+
 def test_rerun_hits_the_cache_and_a_parameter_change_does_not(chain, tmp_path):
     store_root, manifests = chain
     again = lds("solve", "--input", manifests["extract"], "--steps", 30, "--channels", 6, "--store", store_root, "--manifest", tmp_path / "s.json")
