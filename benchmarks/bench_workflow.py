@@ -8,9 +8,12 @@ job); a stage's images per hour are its images over the seconds of its jobs summ
 process start, model build and every image of a shard), and over the seconds the stages log themselves
 ("made ... (N items in S s)": model build and images, without the process start and imports); the
 run's images per hour come from its wall time. Jobs of one stage overlap under --cores 2, so their summed seconds grow when they share the
-cores; the wall time shows what the parallel shards gain. Core-seconds per image (the jobs' CPU time,
-which sharing the cores does not inflate) are what the stages cost against the floor of one backbone
-forward per image (benchmarks/bench_storage.py). The load average before and after each run is
+cores; the wall time shows what the parallel shards gain. Core-seconds per image (CPU time, which
+sharing the cores does not inflate) are what the stages cost against the floor of one backbone forward
+per image (benchmarks/bench_storage.py): per stage as the benchmark files sampled them (Snakemake reads
+a job's CPU time every 30 s after its first 30, so a job's last seconds are missed and these run low),
+and for the whole run as the kernel counted them for every process of the run (getrusage of the
+children: Snakemake, the jobs, their imports). The load average before and after each run is
 reported: other work on the machine slows every number.
 
     python benchmarks/bench_workflow.py                        # 12 images, 4 shards, both models
@@ -104,14 +107,24 @@ def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps:
         (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(with_settings(workflow_config(images, per_shard, model, solver, steps, dataset), settings)))
         command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
         before = load()
-        started = time.perf_counter()
+        started, used = time.perf_counter(), children_cpu_seconds()
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"LDS_CACHE": str(workdir / "store")})
-        wall = time.perf_counter() - started
+        wall, used = time.perf_counter() - started, children_cpu_seconds() - used
         if done.returncode != 0:
             sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
-        return {"model": model, "cores": cores, "images": images, "settings": list(settings), "wall_s": wall, "load_before": before,
+        return {"model": model, "cores": cores, "images": images, "settings": list(settings), "wall_s": wall, "cpu_s": used, "load_before": before,
                 "load_after": load(), "stages": stage_seconds(workdir / "results", model),
                 "core_seconds": stage_seconds(workdir / "results", model, "cpu_time"), "logged": logged_seconds(workdir / "results")}
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process and the descendants it waited for: the
+    whole run's, Snakemake and every job (the jobs' ``cpu_time`` in the benchmark files misses up to the
+    last 30 s of each job, which Snakemake samples every 30 s after the first 30)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def per_hour(images: int, seconds: float) -> str:
@@ -120,7 +133,8 @@ def per_hour(images: int, seconds: float) -> str:
 
 def markdown(runs: list[dict], cores: list[int]) -> str:
     """One table: per model, a row per stage (job and in-stage seconds summed, images per hour, the jobs'
-    core-seconds per image) and the whole run."""
+    core-seconds per image as Snakemake sampled them) and the whole run (its core-seconds per image
+    counted by the kernel: every process of the run, Snakemake's own included)."""
     columns = ("jobs: s, images/h", "in stage: s, images/h", "core-s/image")
     header = ["model", "stage"] + [f"{what}, --cores {c}" for c in cores for what in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -140,7 +154,8 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
         cells = []
         for c in cores:
             total = sum(sum(seconds) for seconds in by[model, c]["core_seconds"].values())
-            cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(images, by[model, c]['wall_s'])}", "", f"{total / images:.2f}"]
+            cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(images, by[model, c]['wall_s'])}", "",
+                      f"{total / images:.2f} sampled, **{by[model, c]['cpu_s'] / images:.2f}** counted"]
         speedups = ", ".join(f"--cores {c}: {first['wall_s'] / by[model, c]['wall_s']:.2f}x" for c in cores[1:])
         lines.append(f"| {model} | **whole run** (speed-up {speedups}) | " + " | ".join(cells) + " |")
     loads = "; ".join(f"{r['model']} --cores {r['cores']}: {r['load_before']} -> {r['load_after']}" for r in runs)
