@@ -30,7 +30,7 @@ CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 COMMANDS = {"decode": (decode, DecodeParams), "cluster": (cluster, ClusterParams), "baseline": (baseline, BaselineParams), "zeroshot": (zeroshot, ZeroshotParams)}
 SECTIONS = {"decode": DecodeParams, "baseline_options": BaselineParams, "zeroshot": ZeroshotParams}
 # the sections' keys the workflow reads itself (not settings of the params class)
-WORKFLOW_KEYS = {"decode": {"dataset_clusters"}, "baseline_options": {"masks"}, "zeroshot": {"enabled", "clip", "weights"}}
+WORKFLOW_KEYS = {"decode": {"dataset_clusters", "figures_per_shard"}, "baseline_options": {"masks"}, "zeroshot": {"enabled", "clip", "weights"}}
 # where config.yaml deliberately departs from the defaults, and why
 DELIBERATE = {("decode", "instances"): (True, "the demo draws object proposals on its figures and scores them")}
 

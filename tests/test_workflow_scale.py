@@ -71,7 +71,7 @@ def test_threads_gpu_and_extract_options_follow_the_config(tmp_path):
     assert field(jobs["extract"][0], "threads") == "2" and field(jobs["evaluate"][0], "threads") == ""
     assert "gpu=1" in field(jobs["solve"][0], "resources") and "gpu=" not in field(jobs["extract"][0], "resources")
     assert "--device cuda" in jobs["solve"][0]
-    assert "--dtype float32 --timesteps 20 --max-timestep 250 --max-resolution 32 --concat-heads" in jobs["extract"][0]
+    assert "--dtype float32 --precision float32 --timesteps 20 --max-timestep 250 --max-resolution 32 --concat-heads" in jobs["extract"][0]
     plain = dry_run(tmp_path / "plain", CONFIG, "--cores", "1")
     assert "--max-resolution" not in plain["extract"][0] and "--concat-heads" not in plain["extract"][0]
 
