@@ -11,9 +11,9 @@ import pytest
 from pipeline.decode.dataset_kmeans import dataset_projection, fit_dataset_kmeans, predict, token_rows
 from pipeline.decode.kmeans import best_k, kmeans_auto, kmeans_labels, kmeans_plus_plus, kmeans_restarts, token_features
 from pipeline.decode.instances import (
-    ProposalParams, adjacent_pairs, balanced_silhouette, borders_touched, coco_results, connected_segments,
+    ProposalParams, adjacent_pairs, balanced_silhouette, coco_results, connected_segments,
     area_within, border_rule, candidate_masks, nearest_background, nms, pixel_masks, propose, token_distances,
-    ward_merges, ward_proposals,
+    ward_merges,
 )
 from pipeline.decode.regions import DecodeParams, decode_image, decode_settings
 from pipeline.evaluate.metrics import confusion_matrix, matched_scores
@@ -172,22 +172,12 @@ def test_connected_segments_and_adjacency():
     assert adjacent_pairs(np.array([[0, 0, 1, 1]])) == {(0, 1)}
 
 
-def test_ward_merges_the_closest_adjacent_segments_first_and_ends_with_everything():
-    segments = np.array([[0, 1, 2, 3]])
-    features = np.array([[0.0], [0.1], [5.0], [5.2]])
-    proposals = ward_proposals(segments, features)
-    assert len(proposals) == 4 + 3  # every segment and every merge
-    merges = [tuple(np.flatnonzero(p[0])) for p in proposals[4:]]
-    assert merges == [(0, 1), (2, 3), (0, 1, 2, 3)]
-    # segments 0 and 2 are alike but not adjacent: they never merge without the segment between them
-    apart = ward_proposals(np.array([[0, 1, 2]]), np.array([[0.0], [9.0], [0.1]]))
-    assert [p[0].tolist() for p in apart[3:]] == [[False, True, True], [True, True, True]]
-
-
-def test_ward_merges_number_the_new_nodes_after_the_segments():
+def test_ward_merges_the_closest_adjacent_segments_first_numbers_new_nodes_after_them_and_ends_with_everything():
     segments = np.array([[0, 1, 2, 3]])
     features = np.array([[0.0], [0.1], [5.0], [5.2]])
     assert ward_merges(segments, features) == [(0, 1), (2, 3), (4, 5)]
+    # segments 0 and 2 are alike but not adjacent: they never merge without the segment between them
+    assert ward_merges(np.array([[0, 1, 2]]), np.array([[0.0], [9.0], [0.1]])) == [(1, 2), (0, 3)]
 
 
 def test_candidate_masks_carry_each_tokens_distance_to_the_mask():
@@ -218,7 +208,7 @@ def test_filters_drop_small_huge_and_background_proposals():
     masks[1, 0, 0] = True  # 1% but a corner: touches 2 borders
     masks[2, :, :] = True  # 100%: too large
     masks[3, 0:3, 3:7] = True  # 12%, touches one border: kept
-    assert [borders_touched(m) for m in masks] == [0, 2, 4, 1]
+    assert border_rule(masks).tolist() == [True, False, False, True]  # borders touched: 0, 2, 4, 1
     sized = masks[area_within(masks, 0.01, 0.9)]
     kept = sized[border_rule(sized)]
     assert len(kept) == 2 and kept[0].sum() == 4 and kept[1].sum() == 12

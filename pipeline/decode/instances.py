@@ -117,19 +117,6 @@ def ward_merges(segments: np.ndarray, features: np.ndarray) -> list[tuple[int, i
     return merges
 
 
-def ward_proposals(segments: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
-    """Every segment and every merge of Ward agglomerative clustering restricted to adjacent segments
-    (``ward_merges``), as masks (y, x)."""
-    masks = [segments == s for s in range(int(segments.max()) + 1)]
-    for a, b in ward_merges(segments, features):
-        masks.append(masks[a] | masks[b])
-    return masks
-
-
-def borders_touched(mask: np.ndarray) -> int:
-    return int(mask[0].any()) + int(mask[-1].any()) + int(mask[:, 0].any()) + int(mask[:, -1].any())
-
-
 EXTENDED_OFFSET = 2.0  # subtracted from an extended proposal's silhouette (at most 1): ranked after all others
 
 
