@@ -6,15 +6,16 @@ For each model (default: ``tiny-vit`` and ``vit-s16-random``, both RANDOM weight
 store, so nothing is cached. Each rule has a Snakemake ``benchmark:`` file (seconds and peak memory per
 job); a stage's images per hour are its images over the seconds of its jobs summed (one job slot: a
 process start, model build and every image of a shard), and over the seconds the stages log themselves
-("made ... (N items in S s)": model build and images, without the process start and imports); the
+("made ... (N items in S s, C core-s ...)": model build and images, without the process start and imports); the
 run's images per hour come from its wall time. Jobs of one stage overlap under --cores 2, so their summed seconds grow when they share the
 cores; the wall time shows what the parallel shards gain. Core-seconds per image (CPU time, which
 sharing the cores does not inflate) are what the stages cost against the floor of one backbone forward
-per image (benchmarks/bench_storage.py): per stage as the benchmark files sampled them (Snakemake reads
-a job's CPU time every 30 s after its first 30, so a job's last seconds are missed and these run low),
-and for the whole run as the kernel counted them for every process of the run (getrusage of the
-children: Snakemake, the jobs, their imports). The load average before and after each run is
-reported: other work on the machine slows every number.
+per image (benchmarks/bench_storage.py), as the kernel counts them: per stage, its jobs' own processes
+(each job logs its CPU time since it started, imports and model build included, in its "made" line), and
+for the whole run every process (getrusage of the children: Snakemake, the jobs); the difference is what
+runs outside the stages' jobs (Snakemake, the rules without a stage). Snakemake's benchmark ``cpu_time``
+is not used: it samples a job's CPU every 30 s after its first 30, so it misses a job's last seconds.
+The load average before and after each run is reported: other work on the machine slows every number.
 
     python benchmarks/bench_workflow.py                        # 12 images, 4 shards, both models
     lds bench workflow -- --images 8 --models tiny-vit --cores 1,2,4
@@ -40,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "shapes"
 STAGES = ("preprocess", "extract", "solve", "decode", "evaluate")
-MADE = re.compile(r"^(\S+): made \S.* \((\d+) items in ([0-9.]+)s\)$", re.MULTILINE)
+MADE = re.compile(r"^(\S+): made \S.* \((\d+) items in ([0-9.]+)s, ([0-9.]+) core-s since the process started[;)]", re.MULTILINE)
 
 
 def load() -> str:
@@ -75,24 +76,28 @@ def with_settings(config: dict, settings: list[str]) -> dict:
     return config
 
 
-def stage_seconds(results: Path, model: str, column: str = "s") -> dict[str, list[float]]:
-    """Seconds (``column`` s) or core-seconds (cpu_time) of every job of each stage, from the rules' benchmark TSVs."""
+def stage_seconds(results: Path, model: str) -> dict[str, list[float]]:
+    """Seconds of every job of each stage, from the rules' benchmark TSVs."""
     root = results / "benchmarks" / DATASET / model
     seconds: dict[str, list[float]] = {}
     for path in sorted(root.rglob("*.tsv")):
         with path.open() as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        seconds.setdefault(path.stem, []).extend(float(row[column]) for row in rows)
+        seconds.setdefault(path.stem, []).extend(float(row["s"]) for row in rows)
     return seconds
 
 
-def logged_seconds(results: Path) -> dict[str, float]:
-    """Seconds each stage reports in its "made" lines (in its jobs' logs), summed over its jobs."""
-    seconds: dict[str, float] = {}
+def logged_seconds(results: Path) -> dict[str, dict[str, float]]:
+    """Per stage, summed over its jobs, what its "made" lines (in the jobs' logs) report: seconds ("s": model
+    build and images) and the job's core-seconds as the kernel counted them for its process ("core_s":
+    imports, model build, images, every thread)."""
+    found: dict[str, dict[str, float]] = {}
     for log in (results / "logs").rglob("*.log"):
-        for stage, _, spent in MADE.findall(log.read_text()):
-            seconds[stage] = seconds.get(stage, 0.0) + float(spent)
-    return seconds
+        for stage, _, spent, cores in MADE.findall(log.read_text()):
+            totals = found.setdefault(stage, {"s": 0.0, "core_s": 0.0})
+            totals["s"] += float(spent)
+            totals["core_s"] += float(cores)
+    return found
 
 
 def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps: int, keep: Path | None,
@@ -114,7 +119,7 @@ def run(images: int, per_shard: int, model: str, cores: int, solver: str, steps:
             sys.exit(f"snakemake --cores {cores} for {model} failed:\n{done.stderr[-3000:]}")
         return {"model": model, "cores": cores, "images": images, "settings": list(settings), "wall_s": wall, "cpu_s": used, "load_before": before,
                 "load_after": load(), "stages": stage_seconds(workdir / "results", model),
-                "core_seconds": stage_seconds(workdir / "results", model, "cpu_time"), "logged": logged_seconds(workdir / "results")}
+                "logged": logged_seconds(workdir / "results")}
 
 
 def children_cpu_seconds() -> float:
@@ -132,9 +137,9 @@ def per_hour(images: int, seconds: float) -> str:
 
 
 def markdown(runs: list[dict], cores: list[int]) -> str:
-    """One table: per model, a row per stage (job and in-stage seconds summed, images per hour, the jobs'
-    core-seconds per image as Snakemake sampled them) and the whole run (its core-seconds per image
-    counted by the kernel: every process of the run, Snakemake's own included)."""
+    """One table: per model, a row per stage (job and in-stage seconds summed, images per hour, its jobs'
+    core-seconds per image) and the whole run (core-seconds per image of every process of the run, and
+    the part outside the stages' jobs), all CPU times as the kernel counted them."""
     columns = ("jobs: s, images/h", "in stage: s, images/h", "core-s/image")
     header = ["model", "stage"] + [f"{what}, --cores {c}" for c in cores for what in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -146,16 +151,17 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
         for stage in stages:
             cells = []
             for c in cores:
-                for seconds in (sum(by[model, c]["stages"].get(stage, [])), by[model, c]["logged"].get(stage, 0.0)):
+                logged = by[model, c]["logged"].get(stage, {"s": 0.0, "core_s": 0.0})
+                for seconds in (sum(by[model, c]["stages"].get(stage, [])), logged["s"]):
                     cells.append(f"{seconds:.1f} s, {per_hour(images, seconds)}")
-                cells.append(f"{sum(by[model, c]['core_seconds'].get(stage, [])) / images:.2f}")
+                cells.append(f"{logged['core_s'] / images:.2f}")
             jobs = len(first["stages"][stage])
             lines.append(f"| {model} | {stage} ({jobs} job{'s' * (jobs > 1)}) | " + " | ".join(cells) + " |")
         cells = []
         for c in cores:
-            total = sum(sum(seconds) for seconds in by[model, c]["core_seconds"].values())
+            jobs = sum(logged["core_s"] for logged in by[model, c]["logged"].values())
             cells += [f"{by[model, c]['wall_s']:.1f} s wall, {per_hour(images, by[model, c]['wall_s'])}", "",
-                      f"{total / images:.2f} sampled, **{by[model, c]['cpu_s'] / images:.2f}** counted"]
+                      f"**{by[model, c]['cpu_s'] / images:.2f}** ({(by[model, c]['cpu_s'] - jobs) / images:.2f} outside the stages' jobs)"]
         speedups = ", ".join(f"--cores {c}: {first['wall_s'] / by[model, c]['wall_s']:.2f}x" for c in cores[1:])
         lines.append(f"| {model} | **whole run** (speed-up {speedups}) | " + " | ".join(cells) + " |")
     loads = "; ".join(f"{r['model']} --cores {r['cores']}: {r['load_before']} -> {r['load_after']}" for r in runs)
