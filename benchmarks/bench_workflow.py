@@ -6,12 +6,12 @@ For each model (default: ``tiny-vit`` and ``vit-s16-random``, both RANDOM weight
 store, so nothing is cached. Each rule has a Snakemake ``benchmark:`` file (seconds and peak memory per
 job); a stage's images per hour are its images over the seconds of its jobs summed (one job slot: a
 process start, model build and every image of a shard), and over the seconds the stages log themselves
-("made ... (N items in S s, C core-s ...)": model build and images, without the process start and imports); the
+("made ... (N items in S s)": model build and images, without the process start and imports); the
 run's images per hour come from its wall time. Jobs of one stage overlap under --cores 2, so their summed seconds grow when they share the
 cores; the wall time shows what the parallel shards gain. Core-seconds per image (CPU time, which
 sharing the cores does not inflate) are what the stages cost against the floor of one backbone forward
 per image (benchmarks/bench_storage.py), as the kernel counts them: per stage, its jobs' own processes
-(each job logs its CPU time since it started, imports and model build included, in its "made" line), and
+(each `lds` stage logs its process's CPU time as it exits, imports and model build included), and
 for the whole run every process (getrusage of the children: Snakemake, the jobs); the difference is what
 runs outside the stages' jobs (Snakemake, the rules without a stage). Snakemake's benchmark ``cpu_time``
 is not used: it samples a job's CPU every 30 s after its first 30, so it misses a job's last seconds.
@@ -41,7 +41,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "shapes"
 STAGES = ("preprocess", "extract", "solve", "decode", "evaluate")
-MADE = re.compile(r"^(\S+): made \S.* \((\d+) items in ([0-9.]+)s, ([0-9.]+) core-s since the process started[;)]", re.MULTILINE)
+MADE = re.compile(r"^(\S+): made \S.* \((\d+) items in ([0-9.]+)s[;)]", re.MULTILINE)
+DONE = re.compile(r"^lds (\S+): done in [0-9.]+ s, ([0-9.]+) core-s$", re.MULTILINE)
 
 
 def load() -> str:
@@ -88,15 +89,16 @@ def stage_seconds(results: Path, model: str) -> dict[str, list[float]]:
 
 
 def logged_seconds(results: Path) -> dict[str, dict[str, float]]:
-    """Per stage, summed over its jobs, what its "made" lines (in the jobs' logs) report: seconds ("s": model
-    build and images) and the job's core-seconds as the kernel counted them for its process ("core_s":
-    imports, model build, images, every thread)."""
+    """Per stage, summed over its jobs' logs: the seconds its "made" lines report ("s": model build and
+    images) and the core-seconds of its jobs' processes as the kernel counted them ("core_s": imports,
+    model build, images, what follows, every thread; each `lds` stage logs them as it exits)."""
     found: dict[str, dict[str, float]] = {}
     for log in (results / "logs").rglob("*.log"):
-        for stage, _, spent, cores in MADE.findall(log.read_text()):
-            totals = found.setdefault(stage, {"s": 0.0, "core_s": 0.0})
-            totals["s"] += float(spent)
-            totals["core_s"] += float(cores)
+        text = log.read_text()
+        for stage, _, spent in MADE.findall(text):
+            found.setdefault(stage, {"s": 0.0, "core_s": 0.0})["s"] += float(spent)
+        for stage, cores in DONE.findall(text):
+            found.setdefault(stage, {"s": 0.0, "core_s": 0.0})["core_s"] += float(cores)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from pipeline.store import ArtifactRef, Store, walk_arrays
 from pipeline.store.maintenance import reachable, release, verify
 from stages.common import find_manifests, read_manifest, stale_manifests, store_option, write_json_atomic
 
+STARTED = time.time()  # when lds was first imported: this process's start, but for Python's own
 # Each stage's command is imported when it is called (or listed), so a stage that needs no torch starts
 # without importing it: 0.3 s instead of 1.6 s for each Snakemake job of preprocess, decode, evaluate.
 STAGE_COMMANDS = {
@@ -39,9 +41,24 @@ class LdsGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except LdsError as error:
             raise click.ClickException(str(error)) from None
+        if ctx.invoked_subcommand in STAGE_COMMANDS and ctx.invoked_subcommand != "bench":
+            log_usage(ctx.invoked_subcommand)
+        return result
+
+
+def log_usage(command: str) -> None:
+    """One line on stderr: the seconds since lds started and the CPU seconds this process spent (every
+    thread, its imports and children included; `lds bench workflow` sums them per stage)."""
+    import resource
+    import time
+
+    cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    wall = time.time() - STARTED
+    click.echo(f"lds {command}: done in {wall:.1f} s, {cpu:.1f} core-s", err=True)
 
 
 @click.group(cls=LdsGroup)

@@ -252,12 +252,4 @@ def make_artifact(store, ref, params, inputs, items, compute_item, attrs, finish
     store.journal.record("published", ref, items=len(kept), computed=len(todo) - len(failed), seconds=round(seconds, 3),
                          failed=left, bytes=store.size(ref))
     left_out = f"; {len(failed)} failed items left out (max_failed allows {allowed}): {', '.join(failed)}" if failed else ""
-    log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s, {process_cpu_seconds():.1f} core-s since the process started{left_out})")
-
-
-def process_cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far, every thread and the imports included."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    log(f"{ref.stage}: made {path} ({len(todo)} items in {seconds:.1f}s{left_out})")
