@@ -17,7 +17,7 @@ import json
 from functools import cache
 from pathlib import Path
 
-STAGE_VERSIONS = {"preprocess": 3, "extract": 4, "solve": 7, "solve-dataset": 3, "decode": 6, "cluster": 4, "evaluate": 6, "baseline": 4, "zeroshot": 2}
+STAGE_VERSIONS = {"preprocess": 3, "extract": 4, "solve": 8, "solve-dataset": 3, "decode": 6, "cluster": 4, "evaluate": 6, "baseline": 4, "zeroshot": 2}
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).with_name("stage_code.json")

@@ -450,12 +450,22 @@ def test_a_workspace_shared_by_images_of_different_sizes_gives_each_the_solution
             np.testing.assert_array_equal(reused[name].data, fresh[name].data)
 
 
-def test_solve_image_without_layer_diagnostics_stores_the_same_solution_without_the_per_layer_r2():
+def test_solve_image_without_layer_diagnostics_stores_the_same_solution_without_the_diagnostics():
     layer_sets = [planted_layers(np.random.default_rng(6))]
     full, full_attrs = solve_image(layer_sets, SolverParams(solver="exact", channels=4))
     params = SolverParams(solver="exact", channels=4, layer_diagnostics=False)
     lean, lean_attrs = solve_image(layer_sets, params)
-    assert set(full) - set(lean) == {"layer_xy_r2"} and "layers" not in lean_attrs and lean_attrs["graphs"] == full_attrs["graphs"]
+    assert set(full) - set(lean) == {"layer_xy_r2", "eigenvalues", "orthogonality"} and "layers" not in lean_attrs
+    assert lean_attrs["graphs"] == full_attrs["graphs"]
     np.testing.assert_array_equal(lean["X_ortho"].data, full["X_ortho"].data)
+    rng = np.random.default_rng(9)  # graphs built into memory reused from image to image, of two sizes: the same X
+    large = [LayerAttention(layer.name, *(np.concatenate([a, a[:, ::-1]], axis=2) for a in (layer.q, layer.k, layer.v)), 1.0)
+             for layer in planted_layers(rng)]
+    workspace = Workspace()
+    for layers in (layer_sets[0], large, layer_sets[0]):
+        reused, _ = solve_image([layers], params, workspace=workspace)
+        np.testing.assert_array_equal(reused["X_ortho"].data, solve_image([layers], params)[0]["X_ortho"].data)
+    adam, _ = solve_image(layer_sets, SolverParams(solver="adam", channels=4, steps=5, layer_diagnostics=False))
+    assert "eigenvalues" in adam and "layer_xy_r2" not in adam  # Adam's objective measures them anyway
     assert params.artifact_params() == {**SolverParams(solver="exact", channels=4).artifact_params(), "layer_diagnostics": False}
     assert "layer_diagnostics" not in SolverParams().artifact_params()  # the default's artifact keys are unchanged

@@ -96,15 +96,16 @@ def run_facts(solved_stage: str, solved_params: dict) -> dict[str, str]:
 
 def layer_profile(shards: list[Shard]) -> dict[str, list]:
     """The agreement of each (layer, head) with the joint eigenvectors and each layer's own X-Y R²,
-    averaged over the images, from what lds solve stored per image (no X-Y R² when it left them out);
-    empty lists for other runs (baselines, the dataset-level solver)."""
+    averaged over the images, from what lds solve stored per image (neither when the exact solver ran
+    without its diagnostics; no X-Y R² when Adam did); empty lists for other runs (baselines, the
+    dataset-level solver)."""
     from pipeline.solve.layers import agreement, mean_over_images
 
     agreements, positions = [], []
     for _, solved, _, items in shards:
         for item in items:
             group = solved[item]
-            if "graphs" not in group.attrs:
+            if "graphs" not in group.attrs or "eigenvalues" not in group:
                 return {"agreement": [], "xy_r2": []}
             agreements.append(agreement(group.attrs["graphs"], group["eigenvalues"][...]))
             if "layer_xy_r2" in group:  # lds solve --no-layer-diagnostics leaves it out

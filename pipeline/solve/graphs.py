@@ -195,17 +195,20 @@ def summed_symmetrised(layers: LayerAttention | list[LayerAttention], options: G
                        blocks: Callable[[LayerAttention], Iterable[Block]] | None = None,
                        workspace: Workspace | None = None, name: str = "sum") -> torch.Tensor:
     """Σ over heads (and over ``layers``, all of one grid) of (A + Aᵀ) / 2, (N, N) float64, from each
-    layer's row blocks (``blocks(layer)``; built if not given); in ``workspace``'s memory under ``name``
-    if given. Each layer's heads are summed in float32, the layers in float64."""
+    layer's row blocks (``blocks(layer)`` if given, else built one layer at a time, in ``workspace``'s
+    memory if given); the sum in ``workspace``'s memory under ``name`` if given. Each layer's heads are
+    summed in float32, the layers in float64."""
     layers = [layers] if isinstance(layers, LayerAttention) else layers
     size = layers[0].grid[0] * layers[0].grid[1]
     total = workspace.tensor(name, (size, size), torch.float64) if workspace else torch.empty(size, size, dtype=torch.float64, device=device)
     for index, layer in enumerate(layers):
-        for rows, block, _ in row_blocks(layer, options, device) if blocks is None else blocks(layer):
-            if index == 0:
-                total[rows] = block.sum(0)  # float32: torch's float64 sum of float32 is ten times slower
+        for rows, block, _ in row_blocks(layer, options, device, workspace, "streamed") if blocks is None else blocks(layer):
+            shape = (rows.stop - rows.start, size)
+            heads = torch.sum(block, 0, out=workspace.tensor("heads", shape)) if workspace else block.sum(0)  # float32: torch's
+            if index == 0:  # float64 sum of float32 is ten times slower
+                total[rows] = heads
             else:
-                total[rows] += block.sum(0)
+                total[rows] += heads
     transposed = total.T.clone() if workspace is None else workspace.tensor("transposed", (size, size), torch.float64).copy_(total.T)
     return total.add_(transposed).mul_(0.5)
 

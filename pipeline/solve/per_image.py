@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.errors import LdsError
 from pipeline.extract.core import LayerAttention
 from pipeline.solve.graphs import (
-    GraphCache, GraphSet, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised,
+    GraphCache, GraphSet, Workspace, apply_symmetrised, graph_sets, head_names, row_blocks, select, summed_symmetrised,
 )
 from pipeline.solve.params import GraphOptions, SolverParams, resolve_accumulate
 
@@ -38,8 +38,8 @@ class Solution:
     x: np.ndarray  # (channel, y, x) on the finest grid: softmax output (adam) or eigenvectors (exact)
     x_ortho: np.ndarray  # (component, y, x): U S, components in decreasing order
     u: np.ndarray  # (component, y, x): the orthonormal eigenvectors U, decreasing order
-    eigenvalues: np.ndarray  # (graph, channel): diag(Zᵀ A Z)
-    orthogonality: np.ndarray  # (graph,): mean squared off-diagonal of Zᵀ Z
+    eigenvalues: np.ndarray | None  # (graph, channel): diag(Zᵀ A Z); None: not measured
+    orthogonality: np.ndarray | None  # (graph,): mean squared off-diagonal of Zᵀ Z; None: not measured
     losses: np.ndarray  # (step,)
     graph_names: list[str]
 
@@ -243,9 +243,11 @@ class ExactOperator:
 
     @classmethod
     def from_layers(cls, layers: list[LayerAttention], options: GraphOptions, device: str = "cpu",
-                    dense_limit: int = DENSE_LIMIT, cache: GraphCache | None = None) -> ExactOperator:
-        """From stored Q/K/V: the graphs of each resolution summed (from ``cache``'s row blocks if given,
-        the sums in its workspace), or streamed when N > ``dense_limit``."""
+                    dense_limit: int = DENSE_LIMIT, cache: GraphCache | None = None,
+                    workspace: Workspace | None = None) -> ExactOperator:
+        """From stored Q/K/V: the graphs of each resolution summed, or streamed when N > ``dense_limit``.
+        The sums are built from ``cache``'s row blocks, in its workspace, if given; else block by block in
+        ``workspace``'s memory if given (reused from layer to layer: a layer's graphs are not kept)."""
         chosen = select(layers, options)
         by_grid: dict[tuple[int, int], list[LayerAttention]] = {}
         streamed = []
@@ -256,7 +258,7 @@ class ExactOperator:
                 by_grid.setdefault(layer.grid, []).append(layer)
         dense = {
             grid: summed_symmetrised(group, options, device, cache.row_blocks if cache else None,
-                                     cache.workspace if cache else None, f"sum {group[0].name}..{group[-1].name}")
+                                     cache.workspace if cache else workspace, f"sum {group[0].name}..{group[-1].name}")
             for grid, group in by_grid.items()
         }
         grid = max((layer.grid for layer in chosen), key=lambda g: g[0] * g[1])
@@ -295,9 +297,10 @@ def solve_exact(operator: ExactOperator | list[GraphSet], params: SolverParams, 
 
 
 def exact_solution(u: np.ndarray, layers: list[LayerAttention], options: GraphOptions,
-                   cache: GraphCache | None = None) -> Solution:
-    """A Solution from eigenvectors U: X = X_ortho = U (already orthonormal, in eigenvalue order)."""
-    eigenvalues, orthogonality = measure(u, layers, options, cache)
+                   cache: GraphCache | None = None, measured: bool = True) -> Solution:
+    """A Solution from eigenvectors U: X = X_ortho = U (already orthonormal, in eigenvalue order), with
+    each graph's eigenvalues and orthogonality if ``measured`` (a pass over every graph again)."""
+    eigenvalues, orthogonality = measure(u, layers, options, cache) if measured else (None, None)
     return Solution(u, u.copy(), u.copy(), eigenvalues, orthogonality, np.zeros(0, np.float32),
                     [name for layer in select(layers, options) for name in head_names(layer, options)])
 

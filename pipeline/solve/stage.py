@@ -43,22 +43,25 @@ def solve_image(layer_sets: list[list[LayerAttention]], params: SolverParams, de
 
     every_layer = [layer for layers in layer_sets for layer in layers]
     options = params.graphs
-    cache = GraphCache(options, device, workspace=workspace)  # each graph built once for the operator, its measure and the layers' own
+    # with diagnostics, each graph is built once for the operator, its measure and the layers' own; without,
+    # the exact solver builds each into the same memory in turn and measures nothing (half the time on a CPU)
+    cache = GraphCache(options, device, workspace=workspace) if params.layer_diagnostics else None
     u = None
     if params.solver == "exact" or params.init == "exact":
-        u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, device, cache=cache), params)
+        u, _ = solve_exact(ExactOperator.from_layers(every_layer, options, device, cache=cache, workspace=workspace), params)
     if params.solver == "exact":
-        result = exact_solution(u, every_layer, options, cache)
+        result = exact_solution(u, every_layer, options, cache, measured=params.layer_diagnostics)
     else:
         result = solve_adam(AttentionBuffer.from_layers(layer_sets, params, device), params, progress, init=u)
     arrays = {
         "X": ArraySpec(result.x, ("channel", "y", "x"), {"description": "pseudo-eigenvectors X (adam: softmax over channels; exact: eigenvectors)"}),
         "X_ortho": ArraySpec(result.x_ortho, ("component", "y", "x"), {"description": "X re-orthogonalised by SVD (U S), decreasing order"}),
         "U": ArraySpec(result.u, ("component", "y", "x"), {"description": "orthonormal eigenvectors U, decreasing order"}),
-        "eigenvalues": ArraySpec(result.eigenvalues, ("graph", "channel"), {"description": "diag(Zᵀ A Z) per graph (target 1)"}),
-        "orthogonality": ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z (target 0)"}),
         "losses": ArraySpec(result.losses, ("step",), {"description": "loss per Adam step (empty for exact)"}),
     }
+    if result.eigenvalues is not None:
+        arrays["eigenvalues"] = ArraySpec(result.eigenvalues, ("graph", "channel"), {"description": "diag(Zᵀ A Z) per graph (target 1)"})
+        arrays["orthogonality"] = ArraySpec(result.orthogonality, ("graph",), {"description": "mean squared off-diagonal of Zᵀ Z (target 0)"})
     attrs = {"graphs": result.graph_names, "device": device, "attention_sets": len(layer_sets)}
     if params.layer_diagnostics:  # each layer's own spectral embedding (its first attention set): which layers carry position
         position = layer_xy_r2(layer_sets[0], options, params.channels, device, cache)
