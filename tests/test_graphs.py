@@ -100,7 +100,7 @@ def test_summed_symmetrised_over_several_layers_is_the_sum_of_each_layers(kind):
     layers = [random_layer(name, rng, heads=3, grid=(4, 5)) for name in "abc"]
     options = GraphOptions(kind)
     each = sum(summed_symmetrised(layer, options) for layer in layers)
-    np.testing.assert_allclose(summed_symmetrised(layers, options, workspace=graphs.Workspace()).numpy(), each.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(summed_symmetrised(layers, options, workspace=graphs.Workspace()).numpy(), each.numpy(), rtol=1e-6)  # summed in float32
 
 
 def test_laplacian_objective_matches_numpy_and_is_differentiable():
