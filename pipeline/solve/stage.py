@@ -11,22 +11,25 @@ from pipeline.solve.graphs import GraphCache, Workspace, timestep_name
 from pipeline.solve.layers import layer_xy_r2
 from pipeline.solve.params import SolverParams
 from pipeline.solve.per_image import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
+from pipeline.store import read_group
 
 
 def read_layer_sets(item_group) -> list[list[LayerAttention]]:
-    """The stored layers of one image (an extract item group, or any mapping laid out like one), as one
-    list of LayerAttention per attention set.
+    """The stored layers of one image (an extract item group), as one list of LayerAttention per attention
+    set; its arrays read all at once (``read_group``).
 
     ViTs store (head, y, x, dim) arrays: one set. Stable Diffusion stores (timestep, head, y, x, dim):
     one set per timestep, its layers named ``<layer>@t<timestep>``.
     """
-    groups = sorted(item_group["layers"].groups())
-    arrays = {name: tuple(stored_array(group, part) if part in group else None for part in ARRAYS) for name, group in groups}
-    scales = {name: group.attrs["scale"] for name, group in groups}
+    stored, group_attrs = read_group(item_group["layers"])
+    names = sorted(group_attrs)
+    by_layer = {name: {path.split("/", 1)[1]: array for path, array in stored.items() if path.split("/", 1)[0] == name} for name in names}
+    arrays = {name: tuple(stored_array(found, part) if part in found else None for part in ARRAYS) for name, found in by_layer.items()}
+    scales = {name: group_attrs[name]["scale"] for name in names}
     first = LayerAttention("", *next(iter(arrays.values())), 1.0)
     if len(first.shape) == 4:
         return [[LayerAttention(name, *qkv, scales[name]) for name, qkv in arrays.items()]]
-    timesteps = groups[0][1].attrs.get("timesteps", list(range(first.shape[0])))
+    timesteps = group_attrs[names[0]].get("timesteps", list(range(first.shape[0])))
     return [
         [LayerAttention(timestep_name(name, t), *(None if a is None else a[i] for a in qkv), scales[name]) for name, qkv in arrays.items()]
         for i, t in enumerate(timesteps)

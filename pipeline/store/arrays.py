@@ -34,6 +34,7 @@ from pipeline import __version__
 from pipeline.errors import LdsError
 from pipeline.store.hashing import sha256_bytes
 from pipeline.store.journal import Journal
+from pipeline.store.zarr_files import array_json, array_layout, creation_args, encoded_chunks, group_json
 
 ITEM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ITEMS = "items"
@@ -66,36 +67,61 @@ def array_checksum(data: np.ndarray) -> str:
     return sha256_bytes(np.ascontiguousarray(data).tobytes())
 
 
-def write_arrays(group, arrays: dict[str, ArraySpec], group_attrs: dict[str, dict] | None = None) -> None:
-    """Write arrays into a zarr group; names may contain '/' to nest them in sub-groups. Every chunk is
-    stored, even one of fill values, and ends with a crc32c that is checked when it is read."""
-    from pipeline.store.integrity import checksum_codecs
+def write_arrays(store: Store, folder: str, arrays: dict[str, ArraySpec], group_attrs: dict[str, dict] | None = None) -> None:
+    """Write arrays as Zarr v3 under a folder of the store; names may contain '/' to nest them in sub-groups.
+    ``group_attrs`` are the attributes of sub-groups by path ('' is the folder's own group, written only when
+    given). Every chunk is stored, even one of fill values, and ends with a crc32c that is checked when it is read.
 
-    groups = {"": group}
-
-    def sub_group(path: str):
-        if path not in groups:
-            groups[path] = group.require_group(path)
-        return groups[path]
-
-    for path, attrs in (group_attrs or {}).items():
-        sub_group(path).attrs.update(attrs)
+    The files are encoded by ``zarr_files`` and written in one go, as zarr would write them but without its
+    per-array overhead or its per-file temporary name and move: an item's folder is moved into place whole.
+    Arrays it cannot encode (not numbers, or codecs other than zstd, blosc and crc32c) go through zarr."""
+    groups = {parent: {} for name in arrays for parent in _parents(name)} | (group_attrs or {})
+    files = {_join(folder, path, METADATA): group_json(attrs) for path, attrs in groups.items()}
+    by_zarr = {}
     for name, spec in arrays.items():
-        parent_path, _, leaf = name.rpartition("/")
-        data = np.asarray(spec.data)
+        data = np.asarray(spec.data, order="C")  # one copy of a strided array, for its checksum and its chunks
         if len(spec.dims) != data.ndim:
             raise ValueError(f"array {name}: {data.ndim} dimensions but dims {spec.dims}")
-        array = sub_group(parent_path).create_array(
-            leaf,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=spec.chunks or data.shape or None,
-            dimension_names=list(spec.dims),
-            compressors=checksum_codecs(spec.compressors) if spec.compressors else checksum_codecs(),
-            attributes={**spec.attrs, "sha256": array_checksum(data)},  # written with the metadata, not after it
-            config={"write_empty_chunks": True},  # every chunk present: a missing one is damage, not zeros
-            overwrite=True,
-        )
+        layout = array_layout(data, spec)
+        if layout is None:
+            by_zarr[name] = spec
+            continue
+        files[f"{folder}/{name}/{METADATA}"] = array_json(layout, _attributes(data, spec))
+        files |= {f"{folder}/{name}/{key}": chunk for key, chunk in encoded_chunks(data, layout)}
+    _put_files(store, files)
+    if by_zarr:
+        _write_with_zarr(store.open_group(folder, mode="a"), by_zarr)
+
+
+def _attributes(data: np.ndarray, spec: ArraySpec) -> dict[str, Any]:
+    return {**spec.attrs, "sha256": array_checksum(data)}
+
+
+def _parents(name: str) -> list[str]:
+    """The sub-groups an array name sits in: 'a/b/c' is in 'a' and 'a/b'."""
+    parts = name.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _join(folder: str, *parts: str) -> str:
+    return "/".join([folder, *(part for part in parts if part)])
+
+
+def _put_files(store: Store, files: dict[str, bytes]) -> None:
+    """Write files in one go; on a local disk their folders are made first (object stores have none)."""
+    if store.local:
+        for folder in {os.path.dirname(path) for path in files}:
+            store.fs.makedirs(folder, exist_ok=True)
+    store.fs.pipe(files)
+
+
+def _write_with_zarr(group, arrays: dict[str, ArraySpec]) -> None:
+    """Write arrays through zarr itself, into an existing group whose sub-groups are there."""
+    for name, spec in arrays.items():
+        parent, _, leaf = name.rpartition("/")
+        data = np.asarray(spec.data)
+        target = group.require_group(parent) if parent else group
+        array = target.create_array(leaf, **creation_args(data, spec), attributes=_attributes(data, spec), overwrite=True)
         if data.size:
             array[...] = data
 
@@ -274,6 +300,28 @@ class Store:
         self.fs.rm(path, recursive=True)
 
 
+def read_group(group) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Every array under a zarr ``group`` and the attributes of every group below it, by path relative to
+    it ('block00/q'; 'block00'), read concurrently in one pass of zarr's event loop: half the CPU time of
+    reading dozens of small arrays one by one. A damaged chunk raises CorruptArtifact as any read does."""
+    import asyncio
+
+    from zarr.core.group import AsyncGroup
+    from zarr.core.sync import sync
+
+    async def read() -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+        arrays, attrs = {}, {}
+        async for path, node in group._async_group.members(max_depth=None):
+            if isinstance(node, AsyncGroup):
+                attrs[path] = dict(node.attrs)
+            else:
+                arrays[path] = node
+        values = await asyncio.gather(*(array.getitem(...) for array in arrays.values()))
+        return dict(zip(arrays, values)), attrs
+
+    return sync(read())
+
+
 def walk_arrays(group, prefix: str = ""):
     for name, array in sorted(group.arrays()):
         yield f"{prefix}{name}", array
@@ -341,9 +389,9 @@ class ArtifactWriter:
         final = f"{self.partial}/{ITEMS}/{item}"
         try:
             with self.store.writing(f"{self.what} item {item}"):
-                group = self.store.open_group(tmp, mode="w")
-                group.attrs.update(attrs or {})
-                write_arrays(group, arrays, group_attrs)
+                groups = dict(group_attrs or {})
+                groups[""] = {**(attrs or {}), **groups.get("", {})}
+                write_arrays(self.store, tmp, arrays, groups)
                 if fs.exists(final):
                     return False
                 self.store.move_tree(tmp, final)
@@ -353,8 +401,12 @@ class ArtifactWriter:
 
     def write_root(self, arrays: dict[str, ArraySpec]) -> None:
         """Arrays that belong to the whole artifact rather than one item."""
+        fs = self.store.fs
         with self.store.writing(self.what):
-            write_arrays(self.group, arrays)
+            for name in arrays:  # replaced whole, as zarr's overwrite does: no chunk of an earlier attempt is left
+                if fs.exists(f"{self.partial}/{name}"):
+                    fs.rm(f"{self.partial}/{name}", recursive=True)
+            write_arrays(self.store, self.partial, arrays)
 
     def publish(self, items: list[str], attrs: dict[str, Any] | None = None) -> str:
         """Check every item is present, mark the artifact complete and move it into place."""
