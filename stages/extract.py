@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import LdsError
-from pipeline.extract.stage import ExtractParams, artifact_params, extract_image
+from pipeline.extract.stage import ExtractParams, artifact_params, extract_image, forward_precision
 from pipeline.models import get_spec
 from pipeline.store import Store
 from stages.common import input_option, log, manifest_option, read_manifest, run_stage, store_option
@@ -51,9 +51,10 @@ def extract(input_manifest, model_name, weights, store_root, manifest, **setting
         model()
         return spec.provenance() | ({"weights": str(weights)} if weights else {})
 
-    run_stage(store, "extract", artifact_params(params, spec, weights), input_keys=[source.key], inputs=[source],
-              items=list(store.attrs(source)["items"]), attrs=loaded_provenance, manifest=manifest,
-              compute_item=lambda item: extract_image(model(), images[item]["rgb"][...], spec, params, item, on))
+    with forward_precision(params, on):  # one autocast for every image: the weights cast once
+        run_stage(store, "extract", artifact_params(params, spec, weights), input_keys=[source.key], inputs=[source],
+                  items=list(store.attrs(source)["items"]), attrs=loaded_provenance, manifest=manifest,
+                  compute_item=lambda item: extract_image(model(), images[item]["rgb"][...], spec, params, item, on))
 
 
 def native_bfloat16(device: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

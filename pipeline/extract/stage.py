@@ -66,13 +66,20 @@ def artifact_params(params: ExtractParams, spec, weights: Path | None = None) ->
     return found | ({"upsample_to": params.upsample_to} if params.upsample_to else {})
 
 
-def attention_layers(model, rgb: np.ndarray, spec, params: ExtractParams, item: str = "", device: str = "cpu") -> list:
-    """Q, K, V of every attention layer of ``model`` (built from ``spec``, on ``device``) for one RGB image
-    (y, x, channel), the forward pass in ``params.precision``; Stable Diffusion: at ``params.timesteps``
-    timesteps drawn from (seed, item)."""
+def forward_precision(params: ExtractParams, device: str = "cpu"):
+    """The context of the forward pass in ``params.precision`` on ``device`` (torch.autocast). Held around
+    every image of a stage, autocast makes its bfloat16 copy of each weight once, not once per image
+    (DINOv2 ViT-S/14 at 448 px: 0.25 -> 0.23 s per image on a CPU)."""
     import torch
 
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=params.precision == "bfloat16"):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=params.precision == "bfloat16")
+
+
+def attention_layers(model, rgb: np.ndarray, spec, params: ExtractParams, item: str = "", device: str = "cpu") -> list:
+    """Q, K, V of every attention layer of ``model`` (built from ``spec``, on ``device``) for one RGB image
+    (y, x, channel), the forward pass in ``params.precision`` (``forward_precision``); Stable Diffusion: at
+    ``params.timesteps`` timesteps drawn from (seed, item)."""
+    with forward_precision(params, device):
         return _attention_layers(model, rgb, spec, params, item, device)
 
 

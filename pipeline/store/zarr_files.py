@@ -146,6 +146,7 @@ def array_json(layout: Layout, attributes: dict[str, Any]) -> bytes:
 
 
 def group_json(attrs: dict[str, Any]) -> bytes:
+    """A group's ``zarr.json`` with these attributes."""
     from zarr.core.group import GroupMetadata
 
     return _json(GroupMetadata(attributes=attrs).to_dict())
