@@ -22,6 +22,7 @@ STORE = os.environ.get("LDS_CACHE", config["store"])
 RESULTS = config["results"]
 LDS = f'"{sys.executable}" -m stages'
 DECODE = config["decode"]
+REPORT_SETTINGS = config["report"]
 SOLVE = config["solve"]
 THREADS = config["threads"]
 

@@ -32,5 +32,7 @@ rule report:
         REPORT,
     log:
         RESULTS + "/logs/report.log",
+    params:
+        explorer="" if REPORT_SETTINGS.get("explorer_images") is None else f"--explorer-images {REPORT_SETTINGS['explorer_images']}",
     shell:
-        "{LDS} report {input:q} --results {RESULTS:q} > {log:q} 2>&1"
+        "{LDS} report {input:q} --results {RESULTS:q} {params.explorer} > {log:q} 2>&1"

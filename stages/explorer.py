@@ -73,10 +73,12 @@ def image_figures(folder: Path, name: str, runs: dict[str, RunImages], title: st
     return files
 
 
-def build_explorers(results_dir: Path, runs: list[tuple[Path, dict]], relative: Callable[[Path], str]) -> list[Explorer]:
+def build_explorers(results_dir: Path, runs: list[tuple[Path, dict]], relative: Callable[[Path], str],
+                    limit: int | None = None) -> list[Explorer]:
     """Per dataset x model with runs on a graph kind (``runs``: (metrics.json path, its metrics)): the
     per-layer figure from each run's layers.csv, and a page per image with its figures under
-    RESULTS/explorer/<dataset>/<model>/. ``relative``: a path as the index page links it."""
+    RESULTS/explorer/<dataset>/<model>/, for the first ``limit`` images only if given. ``relative``: a
+    path as the index page links it."""
     from pipeline.evaluate.figures import save_layer_figure
     from pipeline.solve.layers import read_layers_csv
 
@@ -98,7 +100,8 @@ def build_explorers(results_dir: Path, runs: list[tuple[Path, dict]], relative: 
         found = {graph: evaluated_images(by_graph[graph][1].get("artifact")) for graph in graphs}
         found = {graph: images for graph, images in found.items() if images is not None}
         names = list(dict.fromkeys(name for images in found.values() for name in images.groups))
-        entries = [ImageEntry(name, relative(folder / f"{name}.html"), {g: found[g].metrics[name] for g in found if name in found[g].groups}) for name in names]
+        shown = names[:limit]
+        entries = [ImageEntry(name, relative(folder / f"{name}.html"), {g: found[g].metrics[name] for g in found if name in found[g].groups}) for name in shown]
         for index, entry in enumerate(entries):
             present = {graph: found[graph] for graph in entry.metrics}
             figures = image_figures(folder, entry.name, present, title)
@@ -109,7 +112,10 @@ def build_explorers(results_dir: Path, runs: list[tuple[Path, dict]], relative: 
                               os.path.relpath(results_dir / "index.html", folder), *neighbours)
             write_text_atomic(folder / f"{entry.name}.html", page)
         missing = sorted(set(graphs) - set(found))
-        note = f"No image pages for {', '.join(missing)}: the evaluate artifact its metrics.json names is not in a store reachable from here." if missing else None
+        notes = [f"No image pages for {', '.join(missing)}: the evaluate artifact its metrics.json names is not in a store reachable from here."] if missing else []
+        if len(shown) < len(names):
+            notes.append(f"Pages for the first {len(shown)} of {len(names)} images (report.explorer_images, lds report --explorer-images).")
+        note = " ".join(notes) or None
         explorers.append(Explorer(dataset, model, graphs, relative(layers_figure) if layers_figure else None,
                                   [(graph, relative(path)) for graph, path in layer_files], entries, note))
     return explorers

@@ -17,7 +17,9 @@ from pipeline.evaluate.figures import model_caption
 @click.command()
 @click.argument("metrics_files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True, help="Results folder: read <dataset>/<model>/metrics.json here (unless files are given) and write the report here.")
-def report(metrics_files, results_dir):
+@click.option("--explorer-images", type=click.IntRange(0), default=None,
+              help="The explorer's page and figures (about 0.4 s each) for the first N images of each dataset x model only; default: every image.")
+def report(metrics_files, results_dir, explorer_images):
     """Write RESULTS/metrics.json, metrics.csv, metrics.md and index.html from the runs' metrics, and the
     explorer: per dataset x model a page per image under RESULTS/explorer/ (from the store the runs'
     evaluate artifacts are in) and the per-layer agreement figure."""
@@ -37,6 +39,6 @@ def report(metrics_files, results_dir):
     write_json_atomic(results_dir / "metrics.json", {"runs": runs})
     write_text_atomic(results_dir / "metrics.csv", csv_report(runs))
     write_text_atomic(results_dir / "metrics.md", markdown_report(runs))
-    explorers = build_explorers(results_dir, list(zip(files, runs)), relative)
+    explorers = build_explorers(results_dir, list(zip(files, runs)), relative, explorer_images)
     write_text_atomic(results_dir / "index.html", html_index(runs, links, explorers))
     click.echo(f"report: {results_dir / 'index.html'} ({len(runs)} runs)", err=True)

@@ -57,6 +57,18 @@ def test_the_report_writes_an_explorer_page_per_image_and_the_per_layer_figure(r
     assert "What and where" in index and "<table class='sortable'>" in index and index.count("explorer/shapes/tiny-vit/shapes-") == IMAGES
 
 
+def test_explorer_images_limits_the_pages_and_says_so(results, tmp_path):
+    limited = tmp_path / "results"
+    shutil.copytree(results, limited)
+    shutil.rmtree(limited / "explorer")
+    lds("report", "--results", limited, "--explorer-images", 1)
+    explorer = limited / "explorer" / "shapes" / "tiny-vit"
+    assert sorted(p.name for p in explorer.iterdir()) == ["layers.png", "shapes-0000.eigenvectors.png", "shapes-0000.html", "shapes-0000.regions.png"]
+    index = (limited / "index.html").read_text()
+    assert index.count("explorer/shapes/tiny-vit/shapes-") == 1 and "Pages for the first 1 of 3 images" in index
+    assert "shapes-0001.html" not in (explorer / "shapes-0000.html").read_text()  # no link to a page not written
+
+
 class Browser:
     """Headless Chromium over the DevTools protocol on a pipe (--remote-debugging-pipe: commands on fd 3,
     replies and events on fd 4, each a JSON text ended by a NUL byte)."""

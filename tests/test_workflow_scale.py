@@ -164,8 +164,10 @@ def test_baselines_get_their_own_runs_with_the_configured_options(tmp_path):
     decode = next(job for job in jobs["decode_baseline"] if "tiny-vit+tokencut/shard-0" in job)
     assert "--input results/shapes/tiny-vit+tokencut/shard-0/baseline.json --clusters 3" in decode
     assert "--figures results/shapes/tiny-vit+tokencut/figures" in decode and "--max-figures" not in decode
-    jobs = dry_run(tmp_path, {**config, "decode": {**config.get("decode", {}), "figures_per_shard": 2}})
+    assert "--explorer-images" not in jobs["report"][0]
+    jobs = dry_run(tmp_path, {**config, "decode": {**config.get("decode", {}), "figures_per_shard": 2}, "report": {"explorer_images": 5}})
     assert all("--max-figures 2" in job for job in jobs["decode"] + jobs["decode_baseline"])
+    assert "--explorer-images 5" in jobs["report"][0]
     report = field(jobs["report"][0], "input").split(", ")
     assert set(report) == {f"results/shapes/{run}/metrics.json" for run in ("tiny-vit", "tiny-vit+maskcut", "tiny-vit+tokencut")}
 

@@ -118,7 +118,7 @@ class Explorer:
     layers_figure: str | None
     layers_files: list[tuple[str, str]]  # (graph, layers.csv)
     images: list[ImageEntry]
-    note: str | None = None  # why there are no image pages
+    note: str | None = None  # why some or all image pages are missing
 
 
 def explorer_section(explorer: Explorer) -> str:
