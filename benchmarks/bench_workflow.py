@@ -149,7 +149,8 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
     for model in dict.fromkeys(r["model"] for r in runs):
         first = by[model, cores[0]]
         images = first["images"]
-        stages = [s for s in STAGES if s in first["stages"]] + sorted(set(first["stages"]) - set(STAGES))
+        names = set(first["stages"]) | set(first["logged"])  # lds report logs its CPU but has no benchmark file
+        stages = [s for s in STAGES if s in names] + sorted(names - set(STAGES))
         for stage in stages:
             cells = []
             for c in cores:
@@ -157,8 +158,9 @@ def markdown(runs: list[dict], cores: list[int]) -> str:
                 for seconds in (sum(by[model, c]["stages"].get(stage, [])), logged["s"]):
                     cells.append(f"{seconds:.1f} s, {per_hour(images, seconds)}")
                 cells.append(f"{logged['core_s'] / images:.2f}")
-            jobs = len(first["stages"][stage])
-            lines.append(f"| {model} | {stage} ({jobs} job{'s' * (jobs > 1)}) | " + " | ".join(cells) + " |")
+            jobs = len(first["stages"].get(stage, []))
+            label = f"{stage} ({jobs} job{'s' * (jobs > 1)})" if jobs else stage
+            lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
         cells = []
         for c in cores:
             jobs = sum(logged["core_s"] for logged in by[model, c]["logged"].values())
