@@ -296,3 +296,13 @@ def test_stages_that_need_no_torch_start_without_importing_it():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert done.stdout.split() == ["False", "True"]
     assert cli.get_command(None, "solve").name == "solve" and cli.get_command(None, "no-such-stage") is None
+
+
+def test_a_stage_ends_with_its_seconds_and_cpu_seconds_which_the_workflow_bench_reads(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_workflow import DONE
+
+    result = lds("preprocess", "--dataset", DATASET, "--size", 32, "--store", tmp_path / "store")
+    [(stage, cpu)] = DONE.findall(result.output)
+    assert stage == "preprocess" and float(cpu) > 0
+    assert not DONE.findall(lds("models").output)  # not a stage
