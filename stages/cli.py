@@ -53,10 +53,9 @@ def log_usage(command: str) -> None:
     """One line on stderr: the seconds since lds started and the CPU seconds this process spent (every
     thread, its imports and children included; `lds bench workflow` sums them per stage)."""
     import resource
-    import time
 
-    cpu = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(usage.ru_utime + usage.ru_stime for usage in usages)
     wall = time.time() - STARTED
     click.echo(f"lds {command}: done in {wall:.1f} s, {cpu:.1f} core-s", err=True)
 

@@ -11,7 +11,7 @@ from pipeline.solve.graphs import GraphCache, Workspace, timestep_name
 from pipeline.solve.layers import layer_xy_r2
 from pipeline.solve.params import SolverParams
 from pipeline.solve.per_image import AttentionBuffer, ExactOperator, exact_solution, solve_adam, solve_exact
-from pipeline.store import read_group
+from pipeline.store import ArraySpec, read_group
 
 
 def read_layer_sets(item_group) -> list[list[LayerAttention]]:
@@ -23,7 +23,11 @@ def read_layer_sets(item_group) -> list[list[LayerAttention]]:
     """
     stored, group_attrs = read_group(item_group["layers"])
     names = sorted(group_attrs)
-    by_layer = {name: {path.split("/", 1)[1]: array for path, array in stored.items() if path.split("/", 1)[0] == name} for name in names}
+    by_layer: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
+    for path, array in stored.items():  # 'block00/q' -> by_layer['block00']['q']
+        layer, _, part = path.partition("/")
+        if part:
+            by_layer[layer][part] = array
     arrays = {name: tuple(stored_array(found, part) if part in found else None for part in ARRAYS) for name, found in by_layer.items()}
     scales = {name: group_attrs[name]["scale"] for name in names}
     first = LayerAttention("", *next(iter(arrays.values())), 1.0)
@@ -42,8 +46,6 @@ def solve_image(layer_sets: list[list[LayerAttention]], params: SolverParams, de
     list of layers per attention set, ``read_layer_sets``) -> (arrays, attributes) as `lds solve` stores
     them. ``device``: resolved (cpu, cuda, cuda:N); ``workspace``: memory for the graphs, reused when the
     same one is passed for each image in turn."""
-    from pipeline.store import ArraySpec
-
     every_layer = [layer for layers in layer_sets for layer in layers]
     options = params.graphs
     # with diagnostics, each graph is built once for the operator, its measure and the layers' own; without,
